@@ -1,0 +1,149 @@
+"""build_corda: exactness at init for every method, PEFT wiring, bad input."""
+
+import pytest
+import torch
+from conftest import logits, tiny_llama
+
+from corda_vl import CordaConfig, CordaError, DecompositionError, TargetError, build_corda, build_record, collect_covariances
+from corda_vl.decompose import damp_covariance
+
+
+@pytest.fixture
+def store(llama, batches):
+    return collect_covariances(llama, batches, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+def test_logits_unchanged_at_init_fp32(llama, batches, store, mode):
+    ref = logits(llama, batches[0])
+    model = build_corda(llama, store, CordaConfig(r=4, mode=mode, alpha=8), progress=False)
+    torch.testing.assert_close(logits(model, batches[0]), ref, atol=2e-5, rtol=0)
+    # the adapter is really there and non-trivial
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].weight.shape == (4, 32)
+    assert layer.lora_B["default"].weight.abs().sum() > 0
+    assert layer.scaling["default"] == 2.0
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+def test_logits_unchanged_at_init_bf16(batches, mode):
+    model = tiny_llama(dtype=torch.bfloat16)
+    store = collect_covariances(model, batches, progress=False)
+    ref = logits(model, batches[0])
+    peft_model = build_corda(model, store, CordaConfig(r=4, mode=mode), progress=False)
+    out = logits(peft_model, batches[0])
+    assert (out - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+@pytest.mark.parametrize("method", ["milora", "pissa"])
+def test_baselines_unchanged_at_init(llama, batches, method):
+    ref = logits(llama, batches[0])
+    model = build_corda(llama, None, CordaConfig(method=method, r=4), progress=False)
+    torch.testing.assert_close(logits(model, batches[0]), ref, atol=2e-5, rtol=0)
+
+
+def test_lora_baseline_is_plain_peft(llama, batches):
+    ref = logits(llama, batches[0])
+    model = build_corda(llama, None, CordaConfig(method="lora", r=4), progress=False)
+    torch.testing.assert_close(logits(model, batches[0]), ref)  # B = 0
+    layer = model.get_base_model().model.layers[1].mlp.up_proj
+    assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+    assert torch.equal(layer.base_layer.weight, tiny_llama().model.layers[1].mlp.up_proj.weight)
+
+
+def test_milora_takes_the_smallest_plain_svd_components(llama):
+    W = llama.model.layers[0].mlp.gate_proj.weight.detach().double().clone()
+    model = build_corda(llama, None, CordaConfig(method="milora", r=3), progress=False)
+    layer = model.get_base_model().model.layers[0].mlp.gate_proj
+    BA = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).double()
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    torch.testing.assert_close(BA, U[:, -3:] @ torch.diag(S[-3:]) @ Vh[-3:], atol=1e-5, rtol=0)
+
+
+def test_rank_and_alpha_patterns_reach_peft(llama, batches, store):
+    config = CordaConfig(r=4, rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 16})
+    ref = logits(llama, batches[0])
+    model = build_corda(llama, store, config, progress=False)
+    base = model.get_base_model().model.layers[1]
+    assert base.self_attn.q_proj.r["default"] == 2 and base.self_attn.k_proj.r["default"] == 4
+    assert base.mlp.down_proj.scaling["default"] == 4.0 and base.mlp.up_proj.scaling["default"] == 1.0
+    torch.testing.assert_close(logits(model, batches[0]), ref, atol=2e-5, rtol=0)
+    record = build_record(model)
+    assert record.modules["model.layers.1.self_attn.q_proj"]["rank"] == 2
+    assert record.modules["model.layers.1.self_attn.q_proj"]["input"] == "model.layers.1.self_attn.q_proj"
+    assert record.modules["model.layers.1.self_attn.k_proj"]["input"] == "model.layers.1.self_attn.q_proj"
+
+
+def test_targets_narrow_the_adapter(llama, store):
+    model = build_corda(llama, store, CordaConfig(r=2, target_modules=["v_proj", "down_proj"]), progress=False)
+    adapted = sorted(n for n, m in model.get_base_model().named_modules() if hasattr(m, "lora_A") and m.lora_A)
+    assert adapted == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.v_proj",
+                       "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
+
+
+def untouched(model, reference):
+    return (not any("lora" in n for n, _ in model.named_modules())
+            and all(torch.equal(p, reference.state_dict()[k]) for k, p in model.state_dict().items()))
+
+
+def test_rank_too_large_is_refused(llama, store):
+    with pytest.raises(TargetError, match=r"k_proj.*rank 16.*min\(d_in, d_out\) = 16"):
+        build_corda(llama, store, CordaConfig(r=16), progress=False)
+    assert untouched(llama, tiny_llama())
+
+
+def test_targets_matching_nothing(llama, store):
+    with pytest.raises(TargetError, match="matches no nn.Linear.*module names there look like"):
+        build_corda(llama, store, CordaConfig(target_modules=["qkv"]), progress=False)
+    with pytest.raises(TargetError, match="group.*vision.*do not exist.*language"):
+        build_corda(llama, store, CordaConfig(groups=["vision"]), progress=False)
+
+
+def test_non_float_weights_are_refused(llama, store):
+    layer = llama.model.layers[0].self_attn.o_proj
+    layer.weight = torch.nn.Parameter(torch.zeros_like(layer.weight, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TargetError, match="o_proj.*int8.*floating point"):
+        build_corda(llama, store, CordaConfig(r=2), progress=False)
+
+
+def test_tied_weights_are_refused():
+    model = tiny_llama(tie=True)
+    with pytest.raises(TargetError, match="lm_head.*tied"):
+        build_corda(model, None, CordaConfig(method="milora", r=2, groups=["head"]), progress=False)
+
+
+def test_store_from_another_model_is_refused(llama, batches):
+    store = collect_covariances(tiny_llama(seed=7), batches, progress=False)
+    with pytest.raises(CordaError, match="another model"):
+        build_corda(llama, store, CordaConfig(r=2), progress=False)
+    assert untouched(llama, tiny_llama())
+
+
+def test_corda_needs_a_store(llama):
+    with pytest.raises(CordaError, match="collect_covariances"):
+        build_corda(llama, None, CordaConfig(r=2), progress=False)
+
+
+def test_singular_covariance_leaves_the_model_untouched(llama, store):
+    key = ("model.layers.1.mlp.down_proj", "calib")
+    store.sums[key][0, :] = 0
+    store.sums[key][:, 0] = 0
+    with pytest.raises(DecompositionError, match=r"model\.layers\.1\.mlp\.down_proj.*not positive definite"):
+        build_corda(llama, store, CordaConfig(r=2, damping=(0.0,)), progress=False)
+    assert untouched(llama, tiny_llama())
+
+
+def test_recorded_damping_is_the_one_used(llama, store):
+    model = build_corda(llama, store, CordaConfig(r=2), progress=False)
+    name = "model.layers.0.mlp.gate_proj"
+    expected = damp_covariance(store.covariance(name), CordaConfig().damping).damping
+    assert build_record(model).modules[name]["damping"] == expected
+    assert build_record(model).modules[name]["tokens"] == store.count(name)
+
+
+def test_config_validation():
+    for bad in ({"mode": "x"}, {"method": "dora"}, {"r": 0}, {"damping": (1.0, 0.1)},
+                {"svd": "lowrank", "mode": "kpm"}, {"covariance_normalization": "max"}):
+        with pytest.raises(CordaError):
+            CordaConfig(**bad)
+    assert CordaConfig.from_dict(CordaConfig(r=3).to_dict()) == CordaConfig(r=3)

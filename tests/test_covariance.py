@@ -1,0 +1,91 @@
+"""CovarianceStore: exact addition, persistence, fingerprints, corrupted files."""
+
+import pytest
+import torch
+from conftest import text_batches, tiny_llama
+
+from corda_vl import CacheError, CordaError, CovarianceStore, collect_covariances
+from corda_vl.covariance import model_fingerprint
+
+
+@pytest.fixture
+def store(llama, batches):
+    return collect_covariances(llama, batches, progress=False)
+
+
+def test_stores_add_exactly(llama, batches):
+    whole = collect_covariances(llama, batches, progress=False)
+    first = collect_covariances(llama, batches[:1], progress=False)
+    rest = collect_covariances(llama, batches[1:], progress=False)
+    summed = first + rest
+    assert summed.counts == whole.counts
+    for key in whole.sums:
+        torch.testing.assert_close(summed.sums[key], whole.sums[key], rtol=1e-6, atol=1e-5)
+    # __add__ leaves its operands alone; merge adds in place
+    assert first.counts != whole.counts
+    first.merge(rest)
+    assert first.counts == whole.counts
+
+
+def test_sources_live_side_by_side(llama, batches):
+    a = collect_covariances(llama, batches[:1], source="nq", progress=False)
+    b = collect_covariances(llama, batches[1:], source="math", progress=False)
+    both = a + b
+    assert both.sources == ["math", "nq"]
+    with pytest.raises(CordaError, match="several covariance sources"):
+        both.covariance("model.layers.0.self_attn.q_proj")
+    torch.testing.assert_close(both.sum("model.layers.0.self_attn.q_proj", "nq"), a.sum("model.layers.0.self_attn.q_proj"))
+    assert both.rename_source("nq", "calib").sources == ["calib", "math"]
+
+
+def test_merge_refuses_another_model(store, batches):
+    other = collect_covariances(tiny_llama(seed=5), batches, progress=False)
+    with pytest.raises(CacheError, match="different models"):
+        store + other
+
+
+def test_save_load_roundtrip(store, llama, tmp_path):
+    path = store.save(tmp_path / "cov.safetensors")
+    loaded = CovarianceStore.load(path, model=llama)
+    assert loaded.inputs == store.inputs and loaded.counts == store.counts
+    assert loaded.fingerprint == store.fingerprint
+    for key in store.sums:
+        assert torch.equal(loaded.sums[key], store.sums[key])
+
+
+def test_load_refuses_another_model(store, tmp_path):
+    path = store.save(tmp_path / "cov.safetensors")
+    with pytest.raises(CacheError, match="another model.*Recalibrate"):
+        CovarianceStore.load(path, model=tiny_llama(seed=3))
+
+
+def test_fingerprint_ignores_dtype_but_not_weights(llama):
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    assert model_fingerprint(llama, names) == model_fingerprint(tiny_llama(dtype=torch.bfloat16), names)
+    assert model_fingerprint(llama, names) != model_fingerprint(tiny_llama(seed=1), names)
+
+
+def test_truncated_file_is_a_clear_error(store, tmp_path):
+    path = store.save(tmp_path / "cov.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CacheError, match="truncated or corrupted"):
+        CovarianceStore.load(path)
+
+
+def test_flipped_bytes_fail_the_checksum(store, tmp_path):
+    path = store.save(tmp_path / "cov.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="checksum"):
+        CovarianceStore.load(path)
+
+
+def test_not_a_store_file(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(b"garbage")
+    with pytest.raises(CacheError):
+        CovarianceStore.load(path)
+    with pytest.raises(CacheError, match="does not exist"):
+        CovarianceStore.load(tmp_path / "missing.safetensors")

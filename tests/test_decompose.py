@@ -1,0 +1,122 @@
+"""Pure maths of DESIGN.md §2, checked against independent numpy computations."""
+
+import numpy as np
+import pytest
+import torch
+
+from corda_vl.decompose import co_svd, corda_factors, damp_covariance, identity_covariance, residual_weight
+from corda_vl.errors import DecompositionError
+
+DAMPING = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def random_problem(d_out=24, d_in=16, n=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    X = torch.randn(n, d_in, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, d_in, dtype=torch.float64)
+    return W, X.T @ X / n
+
+
+def span_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest principal-angle sine between the column spans of a and b."""
+    qa, _ = np.linalg.qr(a)
+    qb, _ = np.linalg.qr(b)
+    return float(np.linalg.norm(qb - qa @ (qa.T @ qb), 2))
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+@pytest.mark.parametrize("shape", [(24, 16), (10, 16)])
+def test_factors_span_the_selected_co_svd_directions(mode, shape):
+    W, C = random_problem(*shape)
+    r, s = 4, 2.0
+    cov = damp_covariance(C, DAMPING)
+    A, B, _ = corda_factors(W, cov, r, mode, s, svd="full")
+    # independent: numpy SVD of W C' with C' = (C + lam*mean(diag)*I) / mean(diag C')
+    Cn = C.numpy() + cov.damping * np.mean(np.diag(C.numpy())) * np.eye(C.shape[0])
+    Cn = Cn / np.mean(np.diag(Cn))
+    U, S, Vt = np.linalg.svd(W.numpy() @ Cn)
+    keep = slice(0, r) if mode == "ipm" else slice(len(S) - r, len(S))
+    # rows of A C' span V_r; columns of B span U_r
+    assert span_distance((A.numpy() @ Cn).T, Vt[keep].T) < 1e-8
+    assert span_distance(B.numpy(), U[:, keep]) < 1e-8
+    # s B A is exactly the selected part U_r S_r V_r^T C'^{-1}
+    part = U[:, keep] @ np.diag(S[keep]) @ Vt[keep] @ np.linalg.inv(Cn)
+    np.testing.assert_allclose(s * (B @ A).numpy(), part, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+def test_residual_plus_adapter_is_the_weight(mode):
+    W, C = random_problem()
+    A, B, _ = corda_factors(W, damp_covariance(C, DAMPING), 5, mode, 0.5)
+    res = residual_weight(W, A, B, 0.5)
+    torch.testing.assert_close(res + 0.5 * B @ A, W, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+def test_decomposition_is_invariant_to_the_scale_of_c(mode):
+    W, C = random_problem()
+    ref = corda_factors(W, damp_covariance(C, DAMPING), 4, mode, 1.0, svd="full")
+    for c in (1e-6, 37.0, 1e5):
+        A, B, _ = corda_factors(W, damp_covariance(C * c, DAMPING), 4, mode, 1.0, svd="full")
+        torch.testing.assert_close(A, ref[0], rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(B, ref[1], rtol=1e-7, atol=1e-9)
+
+
+def test_without_normalisation_the_balance_follows_the_scale():
+    """The failure the normalisation removes: A shrinks and B grows by sqrt(c)."""
+    W, C = random_problem()
+    A1, B1, _ = corda_factors(W, damp_covariance(C, DAMPING, normalize=False), 4, "kpm", 1.0)
+    A2, B2, _ = corda_factors(W, damp_covariance(C * 100.0, DAMPING, normalize=False), 4, "kpm", 1.0)
+    assert B2.norm() / B1.norm() == pytest.approx(10.0, rel=1e-6)
+    assert A1.norm() / A2.norm() == pytest.approx(10.0, rel=1e-6)
+
+
+def test_damping_takes_the_smallest_lambda_that_factorises():
+    C = torch.diag(torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+    assert damp_covariance(C, (0.0, 1e-3, 1e-1)).damping == 1e-3
+    assert damp_covariance(torch.eye(4, dtype=torch.float64), (0.0, 1e-3)).damping == 0.0
+
+
+def test_singular_at_the_largest_damping_is_a_clear_error():
+    C = torch.diag(torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+    with pytest.raises(DecompositionError, match="layer.q.*not positive definite.*damping"):
+        damp_covariance(C, (0.0,), name="layer.q")
+
+
+def test_nan_and_zero_covariances_are_errors():
+    with pytest.raises(DecompositionError, match="NaN"):
+        damp_covariance(torch.full((3, 3), float("nan")), DAMPING)
+    with pytest.raises(DecompositionError, match="zero"):
+        damp_covariance(torch.zeros(3, 3), DAMPING)
+
+
+def test_rank_must_be_below_min_dimension():
+    W, C = random_problem(8, 16)
+    with pytest.raises(DecompositionError, match="rank 8"):
+        co_svd(W, damp_covariance(C, DAMPING), 8, "kpm")
+
+
+def test_ipm_fast_paths_agree_with_the_full_svd():
+    W, C = random_problem(40, 32, n=400)
+    cov = damp_covariance(C, DAMPING)
+    full = co_svd(W, cov, 6, "ipm", svd="full")
+    auto = co_svd(W, cov, 6, "ipm", svd="auto")
+    low = co_svd(W, cov, 6, "ipm", svd="lowrank", niter=8)
+    for other, tol in ((auto, 1e-8), (low, 1e-4)):
+        torch.testing.assert_close(other.S, full.S, rtol=tol, atol=0)
+        assert span_distance(other.Vh.T.numpy(), full.Vh.T.numpy()) < tol
+        assert span_distance(other.U.numpy(), full.U.numpy()) < tol
+
+
+def test_lowrank_refuses_kpm():
+    W, C = random_problem()
+    with pytest.raises(DecompositionError, match="KPM"):
+        co_svd(W, damp_covariance(C, DAMPING), 4, "kpm", svd="lowrank")
+
+
+def test_identity_covariance_gives_the_plain_svd():
+    W, _ = random_problem()
+    A, B, tr = corda_factors(W, identity_covariance(W.shape[1]), 3, "kpm", 1.0)
+    S = np.linalg.svd(W.numpy(), compute_uv=False)
+    np.testing.assert_allclose(tr.S.numpy(), S[-3:], rtol=1e-10)
+    np.testing.assert_allclose(tr.singular_values.numpy(), S, rtol=1e-10)

@@ -1,0 +1,40 @@
+"""Family registry and target resolution."""
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from corda_vl import UnknownFamilyError
+from corda_vl.families import detect_family, get_family, registered_families
+from corda_vl.targets import resolve_targets
+
+
+def test_llama_is_detected_by_structure(llama):
+    family = detect_family(llama)
+    assert family.name == "llama" and "llama" in registered_families()
+    names = [t.name for t in resolve_targets(llama, family)]
+    assert len(names) == 14 and "lm_head" not in names
+    assert all(t.group == "language" for t in resolve_targets(llama, family))
+
+
+def test_unknown_family_says_how_to_add_one():
+    with pytest.raises(UnknownFamilyError, match="Sequential.*register_family"):
+        detect_family(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    with pytest.raises(UnknownFamilyError, match="registered"):
+        get_family("nope")
+
+
+def test_peft_syntax_regex_and_exclude(llama):
+    family = detect_family(llama)
+    regex = [t.name for t in resolve_targets(llama, family, target_modules=r".*layers\.1\.mlp\..*")]
+    assert regex == ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+    excluded = [t.name for t in resolve_targets(llama, family, exclude_modules=["q_proj", "k_proj", "v_proj", "o_proj"])]
+    assert len(excluded) == 6 and not any("attn" in n for n in excluded)
+
+
+def test_llama_batches_accept_tensors_and_dicts():
+    family = detect_family(tiny_llama())
+    ids = torch.tensor([3, 4, 5])
+    assert family.prepare(ids)["input_ids"].shape == (1, 3)
+    routed = family.route(family.prepare({"input_ids": ids[None], "attention_mask": torch.tensor([[1, 1, 0]]), "labels": 1}))
+    assert routed["language"][""].tolist() == [[True, True, False]]

