@@ -183,11 +183,15 @@ def collect_covariances(
 
 
 def _warn_small(store: CovarianceStore, d_in: dict[str, int]) -> None:
-    for (key, source), n in store.counts.items():
-        if n < d_in[key]:
-            warnings.warn(
-                f"module {key!r} (and modules sharing its input): only {n} calibration tokens for "
-                f"d_in={d_in[key]} ({source}); its covariance is rank-deficient and damping will "
-                f"dominate. Calibrate on at least {d_in[key]} tokens.",
-                stacklevel=3,  # _warn_small -> collect_covariances -> caller
-            )
+    """One warning for every covariance that saw fewer tokens than its input width."""
+    small = [(d_in[key] - n, key, source, n) for (key, source), n in store.counts.items() if n < d_in[key]]
+    if not small:
+        return
+    _, key, source, n = max(small)
+    warnings.warn(
+        f"{len(small)} covariance(s) saw fewer tokens than their input width, e.g. module {key!r} "
+        f"(and modules sharing its input): only {n} calibration tokens for d_in={d_in[key]} ({source}). "
+        f"Those covariances are rank-deficient and damping will dominate them; calibrate on at least "
+        f"{max(d_in[k] for _, k, _, _ in small)} tokens.",
+        stacklevel=3,  # _warn_small -> collect_covariances -> caller
+    )

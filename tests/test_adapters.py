@@ -147,3 +147,35 @@ def test_config_validation():
         with pytest.raises(CordaError):
             CordaConfig(**bad)
     assert CordaConfig.from_dict(CordaConfig(r=3).to_dict()) == CordaConfig(r=3)
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+def test_built_adapter_matches_an_independent_co_svd(batches, mode):
+    """End to end: hooks of our own -> C -> numpy SVD of W C'; compare with the PEFT layer."""
+    import numpy as np
+
+    model, name, r = tiny_llama(), "model.layers.1.self_attn.o_proj", 3
+    W = model.get_submodule(name).weight.detach().double().numpy().copy()
+    seen = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    for b in batches:
+        with torch.no_grad():
+            model(**b)
+    handle.remove()
+    X = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(seen, batches)]).double().numpy()
+    C = X.T @ X / X.shape[0]
+    store = collect_covariances(model, batches, dtype=torch.float64, progress=False)
+    peft_model = build_corda(model, store, CordaConfig(r=r, mode=mode, alpha=2 * r), progress=False)
+    lam = build_record(peft_model).modules[name]["damping"]
+    Cd = C + lam * np.mean(np.diag(C)) * np.eye(len(C))
+    Cd /= np.mean(np.diag(Cd))
+    U, S, Vt = np.linalg.svd(W @ Cd)
+    keep = slice(0, r) if mode == "ipm" else slice(len(S) - r, len(S))
+    layer = peft_model.get_base_model().get_submodule(name)
+    A = layer.lora_A["default"].weight.detach().double().numpy()
+    B = layer.lora_B["default"].weight.detach().double().numpy()
+    expected = U[:, keep] @ np.diag(S[keep]) @ Vt[keep] @ np.linalg.inv(Cd)
+    # A and B are stored in float32: compare relative to the size of the product's terms
+    assert np.abs(2.0 * B @ A - expected).max() < 1e-5 * np.abs(2.0 * B).max() * np.abs(A).max()
+    W_res = layer.base_layer.weight.detach().double().numpy()
+    np.testing.assert_allclose(W_res + 2.0 * B @ A, W, atol=1e-6)

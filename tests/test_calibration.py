@@ -87,7 +87,7 @@ def test_nan_activations_name_the_module_and_remove_hooks(llama, batches):
 def test_few_tokens_warn_with_count_and_d_in():
     model = tiny_llama()
     short = [{"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}]
-    with pytest.warns(UserWarning, match=r"only 3 calibration tokens for d_in=32"):
+    with pytest.warns(UserWarning, match=r"8 covariance\(s\).*only 3 calibration tokens for d_in=48.*at least 48"):
         collect_covariances(model, short, progress=False)
 
 

@@ -5,6 +5,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from ..resources import load_json_asset
+
+
+def _templates() -> dict[str, str]:
+    return load_json_asset("templates/knowledge.json")
+
 
 @lru_cache(maxsize=1)
 def country_records() -> tuple[dict, ...]:
@@ -28,18 +34,19 @@ def country_records() -> tuple[dict, ...]:
 
 def country_fact_texts() -> list[str]:
     """A short encyclopaedic paragraph per country (plain text for calibration and benchmarks)."""
+    t = _templates()
     texts = []
     for r in country_records():
-        where = r["subregion"] or r["region"] or "the world"
-        text = f"{r['name']} is a country in {where}. Its capital is {r['capital']}."
+        text = t["country_fact"].format(where=r["subregion"] or r["region"] or "the world", **r)
         if r["demonym"]:
-            text += f" Its people are called {r['demonym']}."
+            text += t["country_demonym"].format(**r)
         if r["population"]:
-            text += f" It has a population of about {r['population']:,} people."
+            text += t["country_population"].format(**r)
         texts.append(text)
     return texts
 
 
 def capital_questions() -> list[tuple[str, str]]:
     """(question, answer) pairs: "What is the capital of France?" -> "Paris"."""
-    return [(f"What is the capital of {r['name']}?", r["capital"]) for r in country_records()]
+    template = _templates()["capital_question"]
+    return [(template.format(**r), r["capital"]) for r in country_records()]

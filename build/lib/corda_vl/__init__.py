@@ -1,0 +1,40 @@
+"""corda_vl: CorDA / CorDA++ covariance-oriented low-rank adapters for LLaMA-style and
+vision-language models.
+
+Data flows one way: batches -> collect_covariances -> CovarianceStore -> build_corda (pure
+decomposition + PEFT wiring) -> training -> save_corda / export_lora.
+"""
+
+from .adapters import BuildRecord, build_corda, build_record
+from .calibration import collect_covariances
+from .config import CordaConfig
+from .covariance import CovarianceStore
+from .errors import (
+    CacheError,
+    CalibrationError,
+    CordaError,
+    DecompositionError,
+    TargetError,
+    UnknownFamilyError,
+)
+from .saving import export_lora, load_corda, save_corda
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BuildRecord",
+    "CacheError",
+    "CalibrationError",
+    "CordaConfig",
+    "CordaError",
+    "CovarianceStore",
+    "DecompositionError",
+    "TargetError",
+    "UnknownFamilyError",
+    "build_corda",
+    "build_record",
+    "collect_covariances",
+    "export_lora",
+    "load_corda",
+    "save_corda",
+]

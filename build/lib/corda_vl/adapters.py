@@ -1,0 +1,197 @@
+"""PEFT wiring: turn CorDA factors (or a baseline init) into a stock ``peft.PeftModel``.
+
+LoRA layers are PEFT's own; this module only computes what goes into ``lora_A``, ``lora_B`` and
+the base weight (the residual ``W - s B A``), so the model's outputs are unchanged at init.
+
+Build records (method, source, damping per module...) are kept in a weak dictionary keyed by the
+PeftModel, never as attributes on the user's modules; :func:`build_record` reads them and
+``save_corda`` writes them next to the adapter.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import CordaConfig
+from .covariance import CovarianceStore
+from .decompose import corda_factors, damp_covariance, identity_covariance, residual_weight
+from .errors import CordaError, DecompositionError, TargetError
+from .families import detect_family
+from .families.base import Family
+from .targets import Target, resolve_targets
+
+_RECORDS: "weakref.WeakKeyDictionary[nn.Module, BuildRecord]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class BuildRecord:
+    """What build_corda did, per module: written to ``corda_vl.json`` by save_corda."""
+
+    family: str
+    config: dict[str, Any]
+    source: str | None = None
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "config": self.config, "source": self.source, "modules": self.modules}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BuildRecord":
+        return cls(data["family"], data["config"], data.get("source"), data.get("modules", {}))
+
+
+def build_record(peft_model: nn.Module) -> BuildRecord | None:
+    """The record of how ``peft_model`` was built (None for models corda_vl did not build/load)."""
+    return _RECORDS.get(peft_model)
+
+
+def _register(peft_model: nn.Module, record: BuildRecord) -> None:
+    _RECORDS[peft_model] = record
+
+
+def _check_ranks(targets: list[Target], config: CordaConfig) -> None:
+    for t in targets:
+        r = config.rank_for(t.name)
+        if r >= min(t.d_in, t.d_out):
+            raise TargetError(
+                f"module {t.name!r} ({t.d_out}x{t.d_in}) cannot take rank {r}: it must be below "
+                f"min(d_in, d_out) = {min(t.d_in, t.d_out)}. Lower r or set a smaller rank for it in rank_pattern."
+            )
+
+
+def _check_untied(model: nn.Module, targets: list[Target]) -> None:
+    owners: dict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners[param.data_ptr()].append(name)
+    for t in targets:
+        names = owners.get(t.module.weight.data_ptr(), [])
+        if len(names) > 1:
+            raise TargetError(
+                f"module {t.name!r} shares its weight with {[n for n in names if not n.startswith(t.name)]} "
+                f"(tied weights). CorDA/PiSSA rewrite the base weight, which would change the tied "
+                f"module too. Exclude it, or untie it first (clone the weight)."
+            )
+
+
+def lora_config_for(targets: list[Target], config: CordaConfig, task_type: str | None) -> LoraConfig:
+    """The stock PEFT LoraConfig matching the per-module ranks/alphas corda_vl decomposes with."""
+    alpha = config.alpha if config.alpha is not None else config.r
+    rank_pattern = {re.escape(t.name): config.rank_for(t.name) for t in targets
+                    if config.rank_for(t.name) != config.r}
+    alpha_pattern = {re.escape(t.name): config.alpha_for(t.name) for t in targets
+                     if config.alpha_for(t.name) != alpha}
+    init: Any = True
+    if config.method == "pissa":
+        init = "pissa" if config.pissa_niter is None else f"pissa_niter_{config.pissa_niter}"
+    return LoraConfig(
+        r=config.r,
+        lora_alpha=alpha,
+        target_modules=[t.name for t in targets],
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        lora_dropout=config.lora_dropout,
+        init_lora_weights=init,
+        task_type=task_type,
+    )
+
+
+def _decompose_all(
+    targets: list[Target], store: CovarianceStore | None, config: CordaConfig, source: str | None, progress: bool
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, dict[str, Any]]]:
+    """Phase 1: factors for every target, before the model is touched (nothing half-written)."""
+    dtype = getattr(torch, config.decompose_dtype)
+    by_input: dict[str, list[Target]] = defaultdict(list)
+    for t in targets:
+        by_input[store.input_key(t.name) if store is not None else t.name].append(t)
+    factors, info = {}, {}
+    bar = tqdm(total=len(targets), desc=f"decomposing ({config.method})", disable=not progress)
+    for key, members in by_input.items():
+        device = members[0].module.weight.device
+        if store is None:  # milora: plain SVD of W
+            cov, tokens = identity_covariance(members[0].d_in, dtype, device), 0
+        else:
+            cov = damp_covariance(store.covariance(key, source, dtype).to(device), config.damping,
+                                  normalize=config.covariance_normalization == "mean_diag", dtype=dtype, name=key)
+            tokens = store.count(key, source)
+        for t in members:
+            r, s = config.rank_for(t.name), config.scaling_for(t.name)
+            mode = config.mode if config.method == "corda" else "kpm"
+            try:
+                A, B, _ = corda_factors(t.module.weight.detach(), cov, r, mode, s, config.svd, config.lowrank_niter)
+            except (DecompositionError, torch.linalg.LinAlgError) as exc:
+                raise DecompositionError(f"module {t.name!r}: {exc}") from exc
+            keep = torch.float64 if t.module.weight.dtype == torch.float64 else torch.float32
+            factors[t.name] = (A.to(keep), B.to(keep))
+            info[t.name] = {"group": t.group, "rank": r, "alpha": config.alpha_for(t.name), "input": key,
+                            "damping": cov.damping, "tokens": tokens, "shape": [t.d_out, t.d_in]}
+            bar.update(1)
+        del cov
+    bar.close()
+    return factors, info
+
+
+@torch.no_grad()
+def _write_factors(peft_model: PeftModel, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], adapter: str) -> None:
+    """Phase 2: lora_A/lora_B <- factors, base weight <- W - s B A (computed from the cast factors)."""
+    base = peft_model.get_base_model()
+    for name, (A, B) in factors.items():
+        layer = base.get_submodule(name)
+        lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        lora_A.copy_(A.to(lora_A.device, lora_A.dtype))
+        lora_B.copy_(B.to(lora_B.device, lora_B.dtype))
+        weight = layer.get_base_layer().weight
+        weight.copy_(residual_weight(weight, lora_A, lora_B, layer.scaling[adapter]).to(weight.device))
+
+
+def build_corda(
+    model: nn.Module,
+    store: CovarianceStore | None = None,
+    config: CordaConfig | None = None,
+    *,
+    adapter_name: str = "default",
+    family: Family | None = None,
+    progress: bool = True,
+) -> PeftModel:
+    """Wrap ``model`` in a PEFT LoRA model initialised by ``config.method``.
+
+    ``corda`` needs ``store`` (from :func:`collect_covariances` on this model); ``lora``, ``pissa``
+    and ``milora`` ignore it. For every method except ``lora`` the base weights become the
+    residual, so the model's outputs are unchanged at init. ``model`` is modified in place, as
+    with ``peft.get_peft_model``; it is left untouched if the decomposition fails.
+    """
+    config = config or CordaConfig()
+    family = family or detect_family(model)
+    targets = resolve_targets(model, family, config.groups, config.target_modules, config.exclude_modules)
+    _check_ranks(targets, config)
+    record = BuildRecord(family.name, config.to_dict())
+    factors = None
+    if config.method in ("corda", "milora", "pissa"):
+        _check_untied(model, targets)
+    if config.method == "corda":
+        if store is None:
+            raise CordaError("method='corda' needs a CovarianceStore: run corda_vl.collect_covariances first.")
+        store.check_model(model, modules=[t.name for t in targets])
+        record.source = store.resolve_source(config.source)
+        factors, record.modules = _decompose_all(targets, store, config, record.source, progress)
+    elif config.method == "milora":
+        factors, record.modules = _decompose_all(targets, None, config, None, progress)
+    else:
+        record.modules = {t.name: {"group": t.group, "rank": config.rank_for(t.name),
+                                   "alpha": config.alpha_for(t.name), "shape": [t.d_out, t.d_in]} for t in targets}
+    lora_config = lora_config_for(targets, config, family.task_type)
+    peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
+    if factors is not None:
+        _write_factors(peft_model, factors, adapter_name)
+    # The init has been applied; a saved adapter must load as plain LoRA weights on the residual.
+    peft_model.peft_config[adapter_name].init_lora_weights = True
+    _register(peft_model, record)
+    return peft_model

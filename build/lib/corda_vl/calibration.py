@@ -1,0 +1,193 @@
+"""The calibration loop: forward pre-hooks that accumulate x x^T per unique input tensor.
+
+State lives in a :class:`_Collector` keyed by module name; nothing is stored on the user's
+modules and every hook is removed when the loop ends, also on error.
+
+Shared inputs are *detected*: when a module receives the very tensor object another module
+received earlier in the same forward pass (q/k/v, gate/up), its statistics are not computed again
+and it is mapped to the first reader's input key.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .covariance import CovarianceStore, model_fingerprint
+from .errors import CalibrationError
+from .families import detect_family
+from .families.base import Family, Routes
+from .gram import GramSum
+from .targets import Target, resolve_targets
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every target has been seen: the rest of the model is not needed."""
+
+
+class _Collector:
+    def __init__(self, targets: list[Target], source: str, dtype: torch.dtype, offload: bool):
+        self.targets = {t.name: t for t in targets}
+        self.source = source
+        self.dtype = dtype
+        self.offload = offload
+        self.inputs: dict[str, str] = {}
+        self.sums: dict[tuple[str, str], GramSum] = {}
+        self.counts: dict[tuple[str, str], int] = {}
+        self.routes: Routes = {}
+        self.batch_index = 0
+        self._live: dict[int, tuple[weakref.ref, str]] = {}
+        self._seen: set[str] = set()
+        self.stop_early = True
+
+    def start_batch(self, routes: Routes, index: int) -> None:
+        self.routes, self.batch_index = routes, index
+        self._live.clear()
+        self._seen.clear()
+
+    def hook(self, name: str):
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                raise CalibrationError(f"module {name!r} was called without a positional input tensor; "
+                                       f"corda_vl hooks the first positional argument of nn.Linear.")
+            live = self._live.get(id(x))
+            if live is not None and live[0]() is x:
+                self._map(name, live[1])
+            else:
+                self._map(name, name)
+                self._live[id(x)] = (weakref.ref(x), name)
+                self._accumulate(name, x)
+            self._seen.add(name)
+            if self.stop_early and len(self._seen) == len(self.targets):
+                raise _StopForward
+
+        return pre_hook
+
+    def _map(self, name: str, key: str) -> None:
+        previous = self.inputs.setdefault(name, key)
+        if previous != key:
+            raise CalibrationError(
+                f"module {name!r} shared its input with {previous!r} in an earlier batch but with "
+                f"{key!r} in batch {self.batch_index}; the model's data flow changes between batches."
+            )
+
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        group = self.targets[name].group
+        for suffix, mask in self.routes.get(group, {"": None}).items():
+            rows = self._rows(name, x, mask)
+            key = (name, f"{self.source}/{suffix}" if suffix else self.source)
+            if key not in self.sums:
+                self.sums[key] = GramSum(rows.shape[1], self.dtype, "cpu" if self.offload else rows.device)
+                self.counts[key] = 0
+            self.sums[key].add(rows)
+            self.counts[key] += rows.shape[0]
+            if not self.sums[key].diagonal_finite():
+                raise CalibrationError(
+                    f"module {name!r} received NaN/Inf activations in batch {self.batch_index} (or "
+                    f"x^T x overflowed in {self.dtype}). Check the inputs of that batch, run the model "
+                    f"in float32, or use dtype=torch.float64 for accumulation."
+                )
+
+    def _rows(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is not None:
+            if tuple(mask.shape) != tuple(x.shape[:-1]):
+                raise CalibrationError(
+                    f"module {name!r}: input of shape {tuple(x.shape)} does not match the token mask "
+                    f"{tuple(mask.shape)} its family routes to it. If the batch has padding, pass "
+                    f"'attention_mask' with the same shape as 'input_ids'."
+                )
+            if not bool(mask.all()):  # indexing copies: skip it when nothing is masked
+                x = x[mask.to(x.device)]
+        return x.reshape(-1, x.shape[-1])
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
+def collect_covariances(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    groups: Sequence[str] | None = None,
+    targets: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    source: str = "calib",
+    dtype: torch.dtype = torch.float32,
+    offload: bool = False,
+    stop_early: bool = True,
+    progress: bool = True,
+    family: Family | None = None,
+) -> CovarianceStore:
+    """Run ``batches`` through ``model`` and return the input covariances of the target modules.
+
+    Args:
+        model: a model of a registered family (see ``corda_vl.families``).
+        batches: an iterable of dicts / BatchEncodings (``input_ids``, ``attention_mask``...) or
+            of ``input_ids`` tensors; any batch size, padding excluded through the mask.
+        groups, targets, exclude: which modules, as in ``CordaConfig`` (groups, target_modules,
+            exclude_modules). Calibrate a superset of what you will adapt, never less.
+        source: name of this calibration data; several sources can live in one store.
+        dtype: accumulation dtype (float32 default; float64 for very long calibrations).
+        offload: keep the sums on CPU instead of each module's device.
+        stop_early: stop each forward once every target has seen its input (skips the LM head).
+        progress: show a tqdm bar.
+    """
+    family = family or detect_family(model)
+    resolved = resolve_targets(model, family, groups, targets, exclude)
+    collector = _Collector(resolved, source, dtype, offload)
+    collector.stop_early = stop_early
+    device = _input_device(model)
+    handles = [t.module.register_forward_pre_hook(collector.hook(t.name)) for t in resolved]
+    was_training = model.training
+    model.eval()
+    try:
+        total = len(batches) if hasattr(batches, "__len__") else None
+        for index, raw in enumerate(tqdm(batches, total=total, desc="calibrating", disable=not progress)):
+            batch = _to_device(family.prepare(raw), device)
+            collector.start_batch(family.route(batch), index)
+            try:
+                with torch.no_grad():
+                    family.forward(model, batch)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if not collector.sums:
+        raise CalibrationError("calibration saw no data: the batch iterable was empty or no target "
+                               "module was reached. Pass at least one batch.")
+    unreached = [t.name for t in resolved if t.name not in collector.inputs]
+    if unreached:
+        warnings.warn(f"{len(unreached)} target modules were never called during calibration (first: "
+                      f"{unreached[0]!r}); they get no covariance. Calibrate them with data that "
+                      f"reaches them, or leave them out of the targets.", stacklevel=2)
+    sums = {key: collector.sums.pop(key).result() for key in list(collector.sums)}  # one at a time: low peak
+    store = CovarianceStore(collector.inputs, sums, collector.counts,
+                            model_fingerprint(model, list(collector.inputs)))
+    _warn_small(store, {t.name: t.d_in for t in resolved})
+    return store
+
+
+def _warn_small(store: CovarianceStore, d_in: dict[str, int]) -> None:
+    for (key, source), n in store.counts.items():
+        if n < d_in[key]:
+            warnings.warn(
+                f"module {key!r} (and modules sharing its input): only {n} calibration tokens for "
+                f"d_in={d_in[key]} ({source}); its covariance is rank-deficient and damping will "
+                f"dominate. Calibrate on at least {d_in[key]} tokens.",
+                stacklevel=3,  # _warn_small -> collect_covariances -> caller
+            )

@@ -1,0 +1,160 @@
+"""Configuration dataclasses. Every field carries its help text in ``metadata["help"]``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from peft.utils.other import get_pattern_key
+
+from .errors import CordaError
+
+METHODS = ("corda", "lora", "pissa", "milora")
+MODES = ("kpm", "ipm")
+NORMALIZATIONS = ("mean_diag", "none")
+DEFAULT_DAMPING = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class CordaConfig:
+    """How to build adapters: which method, which modules, which ranks, which covariance.
+
+    ``method`` switches between CorDA and the baselines users compare against, so a recipe can
+    change method with one flag and keep everything else (targets, ranks, scaling) identical.
+    """
+
+    method: str = _help(
+        "Adapter initialisation: 'corda' (covariance-oriented SVD, needs a CovarianceStore), "
+        "'lora' (PEFT's default init), 'pissa' (PEFT's principal-SVD init) or 'milora' "
+        "(data-free: adapter from the smallest plain-SVD components of W).",
+        default="corda",
+    )
+    mode: str = _help(
+        "'kpm' (knowledge-preserved: adapter from the smallest CO-SVD components, calibrate on the "
+        "knowledge to keep) or 'ipm' (instruction-previewed: adapter from the largest components, "
+        "calibrate on the task). Used by method='corda' only.",
+        default="kpm",
+    )
+    r: int = _help("Default adapter rank of every targeted module.", default=16)
+    alpha: float | None = _help(
+        "LoRA alpha; the adapter output is scaled by alpha / r. None means alpha = r (scale 1).",
+        default=None,
+    )
+    groups: list[str] | None = _help(
+        "Module groups to adapt, as the model family names them (LLaMA: 'language'; CLIP: "
+        "'vision', 'text', 'projection'; LLaVA: 'vision', 'projector', 'language'). None = the "
+        "family's default groups.",
+        default=None,
+    )
+    target_modules: list[str] | str | None = _help(
+        "PEFT syntax: a list of module-name suffixes (e.g. ['q_proj', 'v_proj']) or one regex "
+        "that must match the full module name. Applied inside the selected groups. None = every "
+        "nn.Linear of the groups.",
+        default=None,
+    )
+    exclude_modules: list[str] | str | None = _help(
+        "PEFT syntax, like target_modules: modules to leave alone.", default=None
+    )
+    rank_pattern: dict[str, int] = _help(
+        "PEFT syntax: {name-or-regex: rank} overriding r for matching modules.",
+        default_factory=dict,
+    )
+    alpha_pattern: dict[str, float] = _help(
+        "PEFT syntax: {name-or-regex: alpha} overriding alpha for matching modules.",
+        default_factory=dict,
+    )
+    source: str | None = _help(
+        "Which covariance of the store to use when it holds several (e.g. 'calib', 'nq'). None "
+        "= the store's only source.",
+        default=None,
+    )
+    damping: tuple[float, ...] = _help(
+        "Damping schedule: C' = C + lam * mean(diag C) * I with the smallest lam for which a "
+        "float64 Cholesky factorisation succeeds.",
+        default=DEFAULT_DAMPING,
+    )
+    covariance_normalization: str = _help(
+        "'mean_diag' divides the damped covariance by its mean diagonal before the SVD, which "
+        "makes A and B independent of the scale of the calibration activations; 'none' uses C "
+        "as collected (original CorDA; the A/B balance then depends on that scale).",
+        default="mean_diag",
+    )
+    decompose_dtype: str = _help(
+        "dtype of the decomposition ('float64' or 'float32'); results are cast to the weight "
+        "dtype at the end.",
+        default="float64",
+    )
+    svd: str = _help(
+        "'auto' (eigendecomposition of the smaller Gram matrix of W C', ~3x cheaper, used only where "
+        "its estimated subspace error is below 1e-6, else the full SVD), 'full' (always LAPACK's "
+        "SVD) or 'lowrank' (randomised top-r SVD; IPM only).",
+        default="auto",
+    )
+    lowrank_niter: int = _help("Power iterations of the randomised SVD (svd='lowrank').", default=4)
+    pissa_niter: int | None = _help(
+        "method='pissa': None = PEFT's exact SVD; an int = PEFT's fast 'pissa_niter_N' init.",
+        default=None,
+    )
+    lora_dropout: float = _help("Dropout on the adapter input during training.", default=0.0)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise CordaError(f"method={self.method!r} is not one of {METHODS}.")
+        if self.mode not in MODES:
+            raise CordaError(f"mode={self.mode!r} is not one of {MODES}.")
+        if not isinstance(self.r, int) or self.r < 1:
+            raise CordaError(f"r={self.r!r} must be a positive integer.")
+        if self.alpha is not None and self.alpha <= 0:
+            raise CordaError(f"alpha={self.alpha!r} must be positive (or None for alpha = r).")
+        if self.covariance_normalization not in NORMALIZATIONS:
+            raise CordaError(
+                f"covariance_normalization={self.covariance_normalization!r} is not one of "
+                f"{NORMALIZATIONS}."
+            )
+        if self.decompose_dtype not in ("float64", "float32"):
+            raise CordaError(f"decompose_dtype={self.decompose_dtype!r}: use 'float64' or 'float32'.")
+        if self.svd not in ("auto", "full", "lowrank"):
+            raise CordaError(f"svd={self.svd!r}: use 'auto', 'full' or 'lowrank'.")
+        if self.svd == "lowrank" and self.method == "corda" and self.mode == "kpm":
+            raise CordaError(
+                "svd='lowrank' finds the largest components only; KPM needs the smallest. "
+                "Use svd='auto' or 'full' with mode='kpm'."
+            )
+        self.damping = tuple(float(x) for x in self.damping)
+        if not self.damping or any(x < 0 for x in self.damping) or list(self.damping) != sorted(self.damping):
+            raise CordaError(f"damping={self.damping!r} must be a non-empty ascending list of lam >= 0.")
+        if isinstance(self.groups, str):
+            self.groups = [self.groups]
+
+    def rank_for(self, module_name: str) -> int:
+        """Rank of one module, resolved from rank_pattern exactly as PEFT resolves it."""
+        key = get_pattern_key(list(self.rank_pattern), module_name)
+        return int(self.rank_pattern.get(key, self.r))
+
+    def alpha_for(self, module_name: str) -> float:
+        """LoRA alpha of one module (alpha_pattern, then alpha, then the module's rank)."""
+        key = get_pattern_key(list(self.alpha_pattern), module_name)
+        if key in self.alpha_pattern:
+            return float(self.alpha_pattern[key])
+        return float(self.alpha) if self.alpha is not None else float(self.rank_for(module_name))
+
+    def scaling_for(self, module_name: str) -> float:
+        """LoRA scaling s = alpha / r of one module."""
+        return self.alpha_for(module_name) / self.rank_for(module_name)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["damping"] = list(self.damping)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CordaConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise CordaError(f"unknown CordaConfig fields {sorted(unknown)}; known: {sorted(known)}.")
+        return cls(**data)

@@ -1,0 +1,45 @@
+"""Country facts from the ``countryinfo`` package (MIT, offline): the knowledge we measure and
+calibrate on. Records are sorted by name, so everything built on them is deterministic."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+
+@lru_cache(maxsize=1)
+def country_records() -> tuple[dict, ...]:
+    """One dict per country with a capital: name, capital, region, subregion, demonym, population."""
+    from countryinfo import CountryInfo
+
+    records = []
+    for data in CountryInfo.all().values():
+        if not data.get("capital") or not data.get("name"):
+            continue
+        records.append({
+            "name": data["name"],
+            "capital": data["capital"],
+            "region": data.get("region") or "",
+            "subregion": data.get("subregion") or "",
+            "demonym": data.get("demonym") or "",
+            "population": int(data.get("population") or 0),
+        })
+    return tuple(sorted(records, key=lambda r: r["name"]))
+
+
+def country_fact_texts() -> list[str]:
+    """A short encyclopaedic paragraph per country (plain text for calibration and benchmarks)."""
+    texts = []
+    for r in country_records():
+        where = r["subregion"] or r["region"] or "the world"
+        text = f"{r['name']} is a country in {where}. Its capital is {r['capital']}."
+        if r["demonym"]:
+            text += f" Its people are called {r['demonym']}."
+        if r["population"]:
+            text += f" It has a population of about {r['population']:,} people."
+        texts.append(text)
+    return texts
+
+
+def capital_questions() -> list[tuple[str, str]]:
+    """(question, answer) pairs: "What is the capital of France?" -> "Paris"."""
+    return [(f"What is the capital of {r['name']}?", r["capital"]) for r in country_records()]

@@ -1,0 +1,92 @@
+"""What a model family tells the toolkit: its module groups, how to run a calibration batch, and
+how each batch's tokens are routed (by mask) to covariance sources per group.
+
+Adding a family = one small file that builds a :class:`Family` and calls :func:`register_family`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UnknownFamilyError
+
+# group -> {source suffix: token mask (bool, shaped like the module input without its last dim)
+# or None for "every token"}. The suffix "" means the calibration source itself.
+Routes = dict[str, dict[str, "torch.Tensor | None"]]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    detect: Callable[[nn.Module], bool]
+    groups: Mapping[str, str]
+    """group name -> regex searched in module names; only nn.Linear modules are candidates."""
+    default_groups: tuple[str, ...]
+    route: Callable[[Mapping[str, Any]], Routes]
+    """Token masks per group for one prepared batch."""
+    forward: Callable[[nn.Module, Mapping[str, Any]], Any]
+    """Runs one prepared batch through the model (no grad, outputs ignored)."""
+    prepare: Callable[[Any], dict[str, Any]]
+    """Turns what the user's iterable yields (dict, BatchEncoding, tensor) into a dict of tensors."""
+    task_type: str | None = None
+    """PEFT task type of the wrapped model (e.g. "CAUSAL_LM"), None for a plain PeftModel."""
+    priority: int = 0
+    """Higher wins when several families recognise a model (LLaVA contains a LLaMA)."""
+
+    def group_of(self, module_name: str) -> str | None:
+        for group, pattern in self.groups.items():
+            if re.search(pattern, module_name):
+                return group
+        return None
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    _REGISTRY[family.name] = family
+    return family
+
+
+def registered_families() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_family(name: str) -> Family:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownFamilyError(f"no model family named {name!r}; registered: {registered_families()}.") from None
+
+
+def detect_family(model: nn.Module) -> Family:
+    """The highest-priority registered family that recognises ``model``."""
+    matches = [f for f in _REGISTRY.values() if f.detect(model)]
+    if not matches:
+        raise UnknownFamilyError(
+            f"{type(model).__name__} is not a model family corda_vl knows (registered: "
+            f"{registered_families()}). Add one: build a corda_vl.families.Family (groups, routing, "
+            f"forward) and pass it to corda_vl.families.register_family."
+        )
+    return max(matches, key=lambda f: f.priority)
+
+
+def has_module(model: nn.Module, pattern: str) -> bool:
+    regex = re.compile(pattern)
+    return any(regex.search(name) for name, _ in model.named_modules())
+
+
+def tensor_dict(batch: Any, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """A plain dict from a dict / BatchEncoding, keeping only ``keys`` when given."""
+    if isinstance(batch, torch.Tensor):
+        raise TypeError("expected a dict of tensors")
+    items = dict(batch.items()) if hasattr(batch, "items") else dict(batch)
+    if keys is not None:
+        items = {k: v for k, v in items.items() if k in keys}
+    return items

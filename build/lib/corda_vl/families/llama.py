@@ -1,0 +1,65 @@
+"""LLaMA-style decoder-only language models (LlamaForCausalLM, SmolLM2, Mistral, Qwen2...).
+
+Recognised by structure: decoder layers with ``self_attn.q_proj`` and ``mlp.gate_proj``. Groups:
+``language`` (default): every Linear inside the decoder layers; ``head``: the LM head, opt-in
+(calibrating it costs a vocabulary-sized forward, and it is often tied to the embeddings).
+Padding is excluded through the attention mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .base import Family, Routes, has_module, register_family, tensor_dict
+
+TEXT_KEYS = ("input_ids", "attention_mask")
+
+
+def _detect(model) -> bool:
+    return has_module(model, r"layers\.\d+\.self_attn\.q_proj$") and has_module(
+        model, r"layers\.\d+\.mlp\.(gate|up)_proj$"
+    )
+
+
+def prepare_text(batch: Any) -> dict[str, Any]:
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch}
+    out = tensor_dict(batch, TEXT_KEYS)
+    if "input_ids" not in out:
+        raise ValueError("a text batch needs 'input_ids' (and usually 'attention_mask').")
+    if out["input_ids"].dim() == 1:
+        out = {k: v.unsqueeze(0) for k, v in out.items()}
+    return out
+
+
+def text_mask(batch: Mapping[str, Any]) -> torch.Tensor:
+    """Which tokens count: attention_mask (padding excluded), or every token without one."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    return mask.bool()
+
+
+def _route(batch: Mapping[str, Any]) -> Routes:
+    return {"language": {"": text_mask(batch)}}
+
+
+def _forward(model, batch: Mapping[str, Any]):
+    return model(**batch, use_cache=False)
+
+
+LLAMA = register_family(
+    Family(
+        name="llama",
+        detect=_detect,
+        groups={"language": r"(^|\.)layers\.\d+\.(self_attn|mlp)\.[^.]+$", "head": r"(^|\.)lm_head$"},
+        default_groups=("language",),
+        route=_route,
+        forward=_forward,
+        prepare=prepare_text,
+        task_type="CAUSAL_LM",
+    )
+)

@@ -1,0 +1,41 @@
+"""Running sums of X^T X, the inner loop of calibration.
+
+X^T X is symmetric, so only the upper triangle is accumulated, in ``BLOCKS`` row blocks: block i
+multiplies its b columns of X with the columns from i*b on, i.e. about (k+1)/(2k) of the flops
+of the full GEMM. Measured on 2 CPU cores with 8192-token inputs: 1536-wide 196 -> 126 ms,
+576-wide 27 -> 21 ms. Plain torch GEMMs on purpose: a second BLAS (SciPy's syrk) was faster in
+isolation but its spinning threads slowed the model's own matmuls by half.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCKS = 4
+
+
+class GramSum:
+    """Accumulates sum_t x_t x_t^T for rows x_t of shape (n, d)."""
+
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device | str):
+        self.dim, self.dtype, self.device = dim, dtype, torch.device(device)
+        self._upper = torch.zeros(dim, dim, dtype=dtype, device=self.device)
+        self._block = -(-dim // BLOCKS)
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.to(dtype=self.dtype)
+        if rows.device != self.device:  # offloaded sum: multiply where the rows are, move d x d
+            self._upper += (rows.T @ rows).to(self.device)
+            return
+        b = self._block
+        for i in range(0, self.dim, b):
+            self._upper[i:i + b, i:].addmm_(rows[:, i:i + b].T, rows[:, i:])
+
+    def diagonal_finite(self) -> bool:
+        """False once a NaN/Inf (or an overflow) has entered the sum: x_i^2 sits on the diagonal."""
+        return bool(torch.isfinite(self._upper.diagonal()).all())
+
+    def result(self) -> torch.Tensor:
+        """The full symmetric sum (the strict lower triangle is rebuilt from the upper one)."""
+        upper = torch.triu(self._upper)
+        return upper + torch.triu(upper, diagonal=1).T

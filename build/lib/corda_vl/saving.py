@@ -1,0 +1,146 @@
+"""Save / load / convert CorDA models.
+
+``save_corda(model, out)`` writes::
+
+    out/residual/      the base model with W_res in place of W (``from_pretrained`` loads it)
+    out/adapter/       a stock PEFT adapter folder (``PeftModel.from_pretrained(residual, ...)``)
+    out/corda_vl.json  how it was built (method, source, damping and rank per module)
+
+Folders are written to a temporary sibling and renamed into place, so an interrupted save never
+leaves a half-written folder, and an existing non-empty folder is only replaced on request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from peft import PeftModel
+
+from .adapters import BuildRecord, _register, build_record
+from .errors import CacheError, CordaError
+
+FORMAT = "corda_vl.adapter"
+VERSION = 1
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``out_dir`` only if the block succeeds."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CordaError(f"{out} exists and is not empty; pass overwrite=True or choose another directory.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _residual_state_dict(peft_model: PeftModel) -> dict[str, torch.Tensor]:
+    """The base model's state dict under its original names, without adapter tensors."""
+    state = {}
+    for key, value in peft_model.get_base_model().state_dict().items():
+        if "lora_" in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = value
+    return state
+
+
+def _save_residual(peft_model: PeftModel, path: Path, tokenizer: Any = None) -> str:
+    base = peft_model.get_base_model()
+    if not hasattr(base, "save_pretrained"):
+        raise CordaError(f"save_corda needs a transformers model (with save_pretrained); got {type(base).__name__}.")
+    base.save_pretrained(path, state_dict=_residual_state_dict(peft_model))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return type(base).__name__
+
+
+def save_corda(peft_model: PeftModel, out_dir: str | os.PathLike, *, tokenizer: Any = None,
+               overwrite: bool = False) -> Path:
+    """Write ``residual/``, ``adapter/`` and ``corda_vl.json`` under ``out_dir`` (see module doc)."""
+    if not isinstance(peft_model, PeftModel):
+        raise CordaError("save_corda expects the PeftModel returned by build_corda or load_corda.")
+    record = build_record(peft_model)
+    with atomic_dir(out_dir, overwrite) as tmp:
+        base_class = _save_residual(peft_model, tmp / "residual", tokenizer)
+        peft_model.save_pretrained(tmp / "adapter")
+        meta = {"format": FORMAT, "version": VERSION, "base_class": base_class,
+                "adapter_name": peft_model.active_adapter,
+                "build": record.to_dict() if record is not None else None}
+        (tmp / "corda_vl.json").write_text(json.dumps(meta, indent=2))
+    return Path(out_dir)
+
+
+def _read_meta(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / "corda_vl.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CacheError(f"{out_dir} is not a corda_vl folder (no corda_vl.json); was it written by save_corda?") from None
+    except json.JSONDecodeError as exc:
+        raise CacheError(f"{path} is corrupted ({exc}); save the model again.") from exc
+    if meta.get("format") != FORMAT:
+        raise CacheError(f"{path} is not a corda_vl adapter description.")
+    return meta
+
+
+def load_corda(out_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+               device: str | torch.device | None = None, is_trainable: bool = False) -> PeftModel:
+    """Load what :func:`save_corda` wrote: the residual base with the adapter attached."""
+    import transformers
+
+    out = Path(out_dir)
+    meta = _read_meta(out)
+    model_cls = getattr(transformers, meta["base_class"], None)
+    if model_cls is None:
+        raise CacheError(f"transformers has no class {meta['base_class']!r}; upgrade transformers.")
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    base = model_cls.from_pretrained(out / "residual", **kwargs)
+    if device is not None:
+        base = base.to(device)
+    model = PeftModel.from_pretrained(base, out / "adapter", is_trainable=is_trainable)
+    if meta.get("build"):
+        _register(model, BuildRecord.from_dict(meta["build"]))
+    return model
+
+
+def export_lora(trained: PeftModel, initial_adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                *, overwrite: bool = False) -> Path:
+    """Convert a trained CorDA/PiSSA adapter into a plain LoRA for the *original* base model.
+
+    Uses PEFT's own conversion (``save_pretrained(path_initial_model_for_weight_conversion=...)``):
+    ``Delta W = s (B A - B0 A0)``, stored as a LoRA of twice the rank. ``initial_adapter_dir`` is
+    the ``adapter/`` folder save_corda wrote *before* training; it is copied, never modified.
+    """
+    initial = Path(initial_adapter_dir)
+    if not (initial / "adapter_config.json").is_file():
+        raise CacheError(f"{initial} has no adapter_config.json; pass the adapter/ folder save_corda wrote before training.")
+    adapter = trained.active_adapter
+    with tempfile.TemporaryDirectory() as scratch, atomic_dir(out_dir, overwrite) as tmp:
+        init_copy = Path(scratch) / "corda_initial"
+        shutil.copytree(initial, init_copy)
+        trained.save_pretrained(tmp, selected_adapters=[adapter],
+                                path_initial_model_for_weight_conversion=str(init_copy))
+        if adapter != "default":  # PEFT nests non-default adapters in a sub-folder
+            for item in (tmp / adapter).iterdir():
+                os.replace(item, tmp / item.name)
+            (tmp / adapter).rmdir()
+    return Path(out_dir)
+

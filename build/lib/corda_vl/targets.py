@@ -1,0 +1,84 @@
+"""Which modules get adapters: family groups, narrowed by PEFT-syntax target/exclude patterns."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
+from torch import nn
+
+from .errors import TargetError
+from .families.base import Family
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    module: nn.Linear
+    group: str
+
+    @property
+    def d_in(self) -> int:
+        return self.module.in_features
+
+    @property
+    def d_out(self) -> int:
+        return self.module.out_features
+
+
+def _matches_peft(names: list[str], target_modules, exclude_modules) -> list[str]:
+    if target_modules is None and exclude_modules is None:
+        return names
+    config = LoraConfig(target_modules=target_modules or r".*", exclude_modules=exclude_modules)
+    kept = []
+    for name in names:
+        hit = check_target_module_exists(config, name)
+        if hit and type(hit).__name__ != "_ExcludedModule":
+            kept.append(name)
+    return kept
+
+
+def resolve_targets(
+    model: nn.Module,
+    family: Family,
+    groups: Sequence[str] | None = None,
+    target_modules: Sequence[str] | str | None = None,
+    exclude_modules: Sequence[str] | str | None = None,
+) -> list[Target]:
+    """The nn.Linear modules of ``groups`` that match the PEFT-style patterns, in model order."""
+    groups = list(groups) if groups else list(family.default_groups)
+    unknown = [g for g in groups if g not in family.groups]
+    if unknown:
+        raise TargetError(
+            f"group(s) {unknown} do not exist in the {family.name} family; its groups are "
+            f"{list(family.groups)}."
+        )
+    in_groups: dict[str, tuple[nn.Linear, str]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        group = family.group_of(name)
+        if group in groups:
+            in_groups[name] = (module, group)
+    for group in groups:
+        if not any(g == group for _, g in in_groups.values()):
+            raise TargetError(f"group {group!r} matches no nn.Linear module in this "
+                              f"{type(model).__name__}; check the model or drop the group.")
+    kept = _matches_peft(list(in_groups), target_modules, exclude_modules)
+    if not kept:
+        examples = ", ".join(list(in_groups)[:3])
+        raise TargetError(
+            f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matches no "
+            f"nn.Linear in groups {groups}; module names there look like: {examples}."
+        )
+    targets = [Target(name, *in_groups[name]) for name in kept]
+    for t in targets:
+        if not t.module.weight.is_floating_point():
+            raise TargetError(
+                f"module {t.name!r} has a {t.module.weight.dtype} weight; CorDA rewrites the base "
+                f"weight and needs floating point. Load the model unquantised (fp32/bf16/fp16) or "
+                f"exclude this module."
+            )
+    return targets
