@@ -8,7 +8,10 @@ projections of every decoder layer. Each side runs in its own process (fresh pea
 
 * peft-MODE:  ``peft.tuners.lora.corda.preprocess_corda`` + ``get_peft_model`` (batch size 1:
   PEFT's hook squeezes the batch dimension, so it cannot take larger batches).
-* ours-MODE:  ``collect_covariances`` + ``build_corda``.
+* ours-MODE:  ``collect_covariances`` + ``build_corda`` with the defaults (``svd="auto"``: a
+  float32 decomposition refined and checked in float64).
+* oursfull-kpm: the same with ``svd="full"`` (exact float64 SVD for every module);
+  ourslr-ipm: ``svd="lowrank"`` (randomised top-r).
 * floor:      a no-grad forward through the decoder layers, one fp32 X^T X GEMM per unique input
   (4 per layer), one fp32 SVD per module (full for KPM, randomised top-r for IPM).
 
@@ -65,12 +68,17 @@ def setup(args):
     return model, batches, probe, reference
 
 
-def run_ours(args, mode, model, batches):
+# Our variants: the defaults, and the faster options a user can pick (see README).
+VARIANTS = {"ours": {}, "oursfull": {"svd": "full"}, "ourslr": {"svd": "lowrank"}}
+EXTRA_VARIANT = {"kpm": "oursfull", "ipm": "ourslr"}
+
+
+def run_ours(args, mode, model, batches, variant="ours"):
     from corda_vl import CordaConfig, build_corda, collect_covariances
 
     store = collect_covariances(model, batches, progress=False)
     calib_done = time.perf_counter()
-    config = CordaConfig(r=args.rank, mode=mode, target_modules=PROJECTIONS)
+    config = CordaConfig(r=args.rank, mode=mode, target_modules=PROJECTIONS, **VARIANTS[variant])
     return build_corda(model, store, config, progress=False), calib_done
 
 
@@ -137,8 +145,10 @@ def worker(args) -> None:
         result["parts"] = run_floor(args, mode, model, batches)
         result["seconds"] = sum(result["parts"].values())
     else:
-        runner = run_ours if side == "ours" else run_peft
-        peft_model, calib_done = runner(args, mode, model, batches)
+        if side == "peft":
+            peft_model, calib_done = run_peft(args, mode, model, batches)
+        else:
+            peft_model, calib_done = run_ours(args, mode, model, batches, side)
         result["seconds"] = time.perf_counter() - start
         if calib_done is not None:
             result["parts"] = {"calibration": calib_done - start, "build": time.perf_counter() - calib_done}
@@ -181,17 +191,20 @@ def main() -> None:
     header = f"{'side':<10}{'seconds':>9}{'peak RSS MB':>13}{'added MB':>10}{'max|dlogit|':>13}  parts"
     results = {}
     for mode in args.modes:
-        rows = results[mode] = {side: spawn(args, f"{side}-{mode}") for side in ("floor", "peft", "ours")}
+        sides = ("floor", "peft", "ours", EXTRA_VARIANT[mode])
+        rows = results[mode] = {side: spawn(args, f"{side}-{mode}") for side in sides}
         print(f"\n== {mode.upper()} ==\n{header}")
         for side, r in rows.items():
             parts = ", ".join(f"{k} {v:.1f}s" for k, v in r.get("parts", {}).items())
             dl = f"{r['max_abs_dlogits']:.2e}" if "max_abs_dlogits" in r else "-"
             print(f"{side:<10}{r['seconds']:>9.1f}{r['peak_rss_mb']:>13.0f}{r['added_rss_mb']:>10.0f}{dl:>13}  {parts}")
-        ours, peft, floor = rows["ours"], rows["peft"], rows["floor"]
-        print(f"speed-up vs PEFT: {peft['seconds'] / ours['seconds']:.2f}x   "
-              f"ours / floor: {ours['seconds'] / floor['seconds']:.2f}x   "
-              f"peak RSS ours / PEFT: {ours['peak_rss_mb'] / peft['peak_rss_mb']:.2f}   "
-              f"added RSS ours / PEFT: {ours['added_rss_mb'] / max(peft['added_rss_mb'], 1):.2f}")
+        peft, floor = rows["peft"], rows["floor"]
+        for side in sides[2:]:
+            ours = rows[side]
+            print(f"{side:<7} speed-up vs PEFT: {peft['seconds'] / ours['seconds']:.2f}x   "
+                  f"/ floor: {ours['seconds'] / floor['seconds']:.2f}x   "
+                  f"peak RSS / PEFT: {ours['peak_rss_mb'] / peft['peak_rss_mb']:.2f}   "
+                  f"added RSS / PEFT: {ours['added_rss_mb'] / max(peft['added_rss_mb'], 1):.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

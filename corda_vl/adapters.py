@@ -71,7 +71,8 @@ def _check_ranks(targets: list[Target], config: CordaConfig) -> None:
 def _check_untied(model: nn.Module, targets: list[Target]) -> None:
     owners: dict[int, list[str]] = defaultdict(list)
     for name, param in model.named_parameters(remove_duplicate=False):
-        owners[param.data_ptr()].append(name)
+        if param.data_ptr():  # meta / offloaded parameters have no storage to share
+            owners[param.data_ptr()].append(name)
     for t in targets:
         names = owners.get(t.module.weight.data_ptr(), [])
         if len(names) > 1:
@@ -126,13 +127,14 @@ def _decompose_all(
             r, s = config.rank_for(t.name), config.scaling_for(t.name)
             mode = config.mode if config.method == "corda" else "kpm"
             try:
-                A, B, _ = corda_factors(t.module.weight.detach(), cov, r, mode, s, config.svd, config.lowrank_niter)
+                A, B, triplets = corda_factors(t.module.weight.detach(), cov, r, mode, s, config.svd, config.lowrank_niter)
             except (DecompositionError, torch.linalg.LinAlgError) as exc:
                 raise DecompositionError(f"module {t.name!r}: {exc}") from exc
             keep = torch.float64 if t.module.weight.dtype == torch.float64 else torch.float32
             factors[t.name] = (A.to(keep), B.to(keep))
             info[t.name] = {"group": t.group, "rank": r, "alpha": config.alpha_for(t.name), "input": key,
-                            "damping": cov.damping, "tokens": tokens, "shape": [t.d_out, t.d_in]}
+                            "damping": cov.damping, "tokens": tokens, "shape": [t.d_out, t.d_in],
+                            "svd": triplets.path, "context_share": triplets.context_share}
             bar.update(1)
         del cov
     bar.close()

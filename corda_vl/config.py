@@ -84,14 +84,16 @@ class CordaConfig:
         default="mean_diag",
     )
     decompose_dtype: str = _help(
-        "dtype of the decomposition ('float64' or 'float32'); results are cast to the weight "
-        "dtype at the end.",
+        "dtype of the exact decomposition path and of the Rayleigh-Ritz check ('float64' or "
+        "'float32'); results are cast to the weight dtype at the end.",
         default="float64",
     )
     svd: str = _help(
-        "'auto' (eigendecomposition of the smaller Gram matrix of W C', ~3x cheaper, used only where "
-        "its estimated subspace error is below 1e-6, else the full SVD), 'full' (always LAPACK's "
-        "SVD) or 'lowrank' (randomised top-r SVD; IPM only).",
+        "'auto': a float32 decomposition (SVD for KPM, Gram eigendecomposition for IPM) refined "
+        "by a float64 Rayleigh-Ritz step and kept only if float64 confirms what it claims (KPM: "
+        "the tail carries at most 1.01x its claimed context, or less than ~3e-6 of it; IPM: the "
+        "head at least 0.99x); otherwise the exact SVD. 'full': always LAPACK's SVD in "
+        "decompose_dtype. 'lowrank': randomised top-r SVD (IPM only).",
         default="auto",
     )
     lowrank_niter: int = _help("Power iterations of the randomised SVD (svd='lowrank').", default=4)

@@ -100,42 +100,95 @@ class CoSVD:
     Vh: torch.Tensor
     singular_values: torch.Tensor
     """All singular values, descending (top ones only for svd='lowrank')."""
+    path: str = "full"
+    """How they were computed: 'float32+rr', 'full' or 'lowrank'."""
+
+    @property
+    def context_share(self) -> float:
+        """||M V_r||_F / ||M||_F: the part of the calibration context the selected components carry."""
+        return float(self.S.square().sum().sqrt() / self.singular_values.double().square().sum().sqrt())
+
+
+# svd='auto': a float32 candidate is kept when float64 confirms it within this relative slack...
+AUTO_SLACK = 1e-2
 
 
 def _select(k: int, r: int, mode: str) -> slice:
     return slice(0, r) if mode == "ipm" else slice(k - r, k)
 
 
-def _gram_svd(product: torch.Tensor, r: int, mode: str, tolerance: float) -> CoSVD | None:
-    """The selected triplets of ``product`` from an eigendecomposition of its smaller Gram matrix.
+def _rayleigh_ritz(weight: torch.Tensor, cov: DampedCovariance, basis: torch.Tensor, side: str) -> CoSVD:
+    """The best triplets of M = W C' within span(basis), in the covariance's dtype.
 
-    Three times cheaper than a full SVD. Forming the Gram matrix squares the spectrum, so the
-    eigenvectors are only accurate where eigenvalues and the gap at the selection boundary stand
-    well above the rounding noise ``k * eps * s_max^2``; the subspace error is about noise / gap.
-    Returns None (caller falls back to the full SVD) when noise / gap exceeds ``tolerance``.
+    ``side='right'``: basis spans right singular vectors (M Q = U_z S_z W_z^T gives V = Q W_z);
+    ``side='left'``: it spans left ones (M^T Q = V_z S_z W_z^T gives U = Q W_z). M is never formed.
     """
-    d_out, d_in = product.shape
-    right = d_in <= d_out  # eigenvectors of M^T M are the right singular vectors
-    gram = product.T @ product if right else product @ product.T
-    evals, evecs = torch.linalg.eigh(gram)
-    evals, evecs = evals.flip(0), evecs.flip(1)  # descending, like the SVD
-    k = evals.shape[0]
-    keep = _select(k, r, mode)
-    noise = k * torch.finfo(evals.dtype).eps * evals[0].clamp_min(0)
-    boundary = r if mode == "ipm" else k - r  # first index outside / inside the tail
-    gap = evals[boundary - 1] - evals[boundary]
-    smallest_kept = evals[keep].min()
-    if not (noise < tolerance * gap and noise < tolerance * smallest_kept):
-        return None
-    S = evals.clamp_min(0).sqrt()
-    S_r = S[keep]
-    if right:
-        Vh_r = evecs[:, keep].T
-        U_r = (product @ Vh_r.T) / S_r[None, :]
+    q, _ = torch.linalg.qr(basis.to(cov.matrix.dtype))
+    w = weight.to(cov.matrix.dtype)
+    if side == "right":
+        u, s, wh = torch.linalg.svd(w @ (cov.matrix @ q), full_matrices=False)
+        return CoSVD(u, s, (q @ wh.T).T, s)
+    v, s, wh = torch.linalg.svd(cov.matrix @ (w.T @ q), full_matrices=False)
+    return CoSVD(q @ wh.T, s, v.T, s)
+
+
+def _float32_basis(m32: torch.Tensor, r: int, mode: str) -> tuple[torch.Tensor, str, torch.Tensor]:
+    """(basis of the selected singular subspace, its side, all singular values) in float32.
+
+    KPM: full SVD (the tail needs it). IPM: eigendecomposition of the smaller Gram matrix (the
+    head is well separated, and eigh is ~3x cheaper than the SVD)."""
+    if mode == "kpm":
+        _, s32, vh32 = torch.linalg.svd(m32, full_matrices=False)
+        return vh32[-r:].T, "right", s32
+    right = m32.shape[1] <= m32.shape[0]
+    evals, evecs = torch.linalg.eigh(m32.T @ m32 if right else m32 @ m32.T)
+    return evecs[:, -r:].flip(1), "right" if right else "left", evals.flip(0).clamp_min(0).sqrt()
+
+
+def _float32_candidate(weight: torch.Tensor, cov: DampedCovariance, r: int, mode: str) -> CoSVD | None:
+    """Selected triplets from a float32 decomposition, refined and checked in float64.
+
+    The float32 subspace is refined by a float64 Rayleigh-Ritz step, which also *measures*
+    what the selected components carry, ``||M V_r||_F^2``, against float32's own claim (the
+    sum of its selected squared singular values). Kept when
+      KPM: carried <= (1 + slack)^2 * claim + k * eps32^2 * ||M||_F^2: float32 was accurate
+           where the tail is resolved, and where it lies below float32's resolution the chosen
+           directions carry less than sqrt(k) * eps32 ~ 3e-6 of the context, so any choice among
+           them is equally negligible (the exact float64 tail can only be lower);
+      IPM: carried >= (1 - slack)^2 * claim (the head captures what float32 said it would).
+    Otherwise None: the caller computes the exact float64 SVD. On SmolLM2-135M (KPM, r = 32) a
+    float32 tail carries at most 35x the exact tail's context in 2 of 210 modules, both below
+    1e-8 of the layer's context (benchmarks/kpm_precision.py).
+    """
+    m32 = weight.float() @ cov.matrix.float()
+    basis, side, s32 = _float32_basis(m32, r, mode)
+    triplets = _rayleigh_ritz(weight, cov, basis, side)
+    total = s32.double().square().sum()
+    carried = triplets.S.double().square().sum()
+    claim = s32[_select(s32.shape[0], r, mode)].double().square().sum()
+    if mode == "kpm":
+        noise = s32.shape[0] * torch.finfo(torch.float32).eps ** 2 * total
+        ok = carried <= (1 + AUTO_SLACK) ** 2 * claim + noise
     else:
-        U_r = evecs[:, keep]
-        Vh_r = (U_r.T @ product) / S_r[:, None]
-    return CoSVD(U_r, S_r, Vh_r, S)
+        ok = carried >= (1 - AUTO_SLACK) ** 2 * claim
+    if not bool(ok):
+        return None
+    triplets.singular_values, triplets.path = s32.to(triplets.S.dtype), "float32+rr"
+    return triplets
+
+
+def _randomized_top(product: torch.Tensor, r: int, niter: int, oversample: int = 16) -> CoSVD:
+    """Randomised top-r SVD (Halko et al.) with its own seeded generator: deterministic, and the
+    caller's global RNG stream is left alone."""
+    q = min(r + oversample, min(product.shape))
+    gen = torch.Generator(device=product.device).manual_seed(0)
+    omega = torch.randn(product.shape[1], q, generator=gen, dtype=product.dtype, device=product.device)
+    basis, _ = torch.linalg.qr(product @ omega)
+    for _ in range(niter):
+        basis, _ = torch.linalg.qr(product.T @ basis)
+        basis, _ = torch.linalg.qr(product @ basis)
+    u, s, vh = torch.linalg.svd(basis.T @ product, full_matrices=False)
+    return CoSVD((basis @ u)[:, :r], s[:r], vh[:r], s, "lowrank")
 
 
 def co_svd(
@@ -145,32 +198,27 @@ def co_svd(
     mode: str,
     svd: str = "auto",
     niter: int = 4,
-    tolerance: float = 1e-6,
 ) -> CoSVD:
     """SVD of ``W C'``; keep the r smallest (``mode='kpm'``) or largest (``'ipm'``) triplets.
 
-    ``svd``: 'full' (LAPACK SVD), 'lowrank' (randomised, IPM only) or 'auto': for IPM the Gram
-    eigendecomposition when its estimated subspace error is below ``tolerance``, else the full
-    SVD; for KPM always the full SVD. Measured on SmolLM2-135M, the smallest singular values of
-    W C' sit 1e-6..1e-11 below the largest, far under the Gram matrix's rounding noise (and
-    under float32's: a float32 SVD returns an arbitrary mix of the tail directions there).
+    ``svd``: 'full' (LAPACK SVD in the covariance's dtype), 'lowrank' (randomised, IPM only) or
+    'auto' (a float32 candidate checked in float64, see :func:`_float32_candidate`; the full
+    SVD where the check fails).
     """
     d_out, d_in = weight.shape
     if d_in != cov.dim:
         raise DecompositionError(f"weight has d_in={d_in} but the covariance is {cov.dim}x{cov.dim}.")
     if not 0 < r < min(d_out, d_in):
         raise DecompositionError(f"rank {r} must be in [1, min(d_in, d_out)) = [1, {min(d_out, d_in)}).")
+    if svd == "auto":
+        candidate = _float32_candidate(weight, cov, r, mode)
+        if candidate is not None:
+            return candidate
     product = weight.to(cov.matrix.dtype) @ cov.matrix
     if svd == "lowrank":
         if mode != "ipm":
             raise DecompositionError("svd='lowrank' returns the largest components; KPM needs svd='full'.")
-        q = min(r + 16, min(d_out, d_in))
-        U, S, V = torch.svd_lowrank(product, q=q, niter=niter)
-        return CoSVD(U[:, :r], S[:r], V[:, :r].T, S)
-    if svd == "auto" and mode == "ipm":
-        result = _gram_svd(product, r, mode, tolerance)
-        if result is not None:
-            return result
+        return _randomized_top(product, r, niter)
     U, S, Vh = torch.linalg.svd(product, full_matrices=False)
     keep = _select(S.shape[0], r, mode)
     return CoSVD(U[:, keep], S[keep], Vh[keep], S)

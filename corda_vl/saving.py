@@ -115,7 +115,9 @@ def load_corda(out_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = 
     base = model_cls.from_pretrained(out / "residual", **kwargs)
     if device is not None:
         base = base.to(device)
-    model = PeftModel.from_pretrained(base, out / "adapter", is_trainable=is_trainable)
+    name = meta.get("adapter_name", "default")
+    adapter_dir = out / "adapter" if name == "default" else out / "adapter" / name  # PEFT nests non-default names
+    model = PeftModel.from_pretrained(base, adapter_dir, adapter_name=name, is_trainable=is_trainable)
     if meta.get("build"):
         _register(model, BuildRecord.from_dict(meta["build"]))
     return model

@@ -37,6 +37,16 @@ def test_load_corda_restores_model_and_record(built, batches, tmp_path):
     assert build_record(loaded).modules == build_record(built).modules
 
 
+def test_named_adapter_roundtrip(llama, batches, tmp_path):
+    store = collect_covariances(llama, batches, progress=False)
+    model = build_corda(llama, store, CordaConfig(r=2), adapter_name="kpm", progress=False)
+    ref = logits(model, batches[0])
+    save_corda(model, tmp_path / "run")
+    loaded = load_corda(tmp_path / "run")
+    assert loaded.active_adapter == "kpm"
+    torch.testing.assert_close(logits(loaded, batches[0]), ref, atol=1e-6, rtol=0)
+
+
 def test_save_refuses_a_non_empty_directory(built, tmp_path):
     target = tmp_path / "run"
     target.mkdir()
