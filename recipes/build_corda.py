@@ -59,12 +59,17 @@ by_type = defaultdict(list)
 for name, info in build_record(peft_model).modules.items():
     by_type[name.rsplit(".", 1)[-1]].append(info)
 print(f"\nCorDA-{args.mode.upper()} r={args.rank}, built in {build_s:.1f} s")
-print(f"{'module':<11}{'count':>6}{'shape':>13}{'rank':>6}{'damping used':>16}")
+print(f"{'module':<11}{'count':>6}{'shape':>11}{'rank':>6}{'damping used':>16}{'context share (median)':>24}")
 for kind, infos in by_type.items():
     damp = sorted({i["damping"] for i in infos})
     shape = "x".join(map(str, infos[0]["shape"]))
-    print(f"{kind:<11}{len(infos):>6}{shape:>13}{infos[0]['rank']:>6}{', '.join(f'{d:g}' for d in damp):>16}")
+    share = sorted(i["context_share"] for i in infos)[len(infos) // 2]
+    print(f"{kind:<11}{len(infos):>6}{shape:>11}{infos[0]['rank']:>6}{', '.join(f'{d:g}' for d in damp):>16}"
+          f"{share:>24.2e}")
 trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+paths = sorted({i["svd"] for infos in by_type.values() for i in infos})
+print(f"decomposition paths: {paths}; context share = ||W C' V_r|| / ||W C'||, the part of the "
+      f"calibration context the adapter's components carry ({'small' if args.mode == 'kpm' else 'large'} is the point)")
 print(f"trainable parameters: {trainable:,}; max |logits(init) - logits(original)| = {drift:.2e}")
 
 out = save_corda(peft_model, args.output_dir, tokenizer=tokenizer, overwrite=args.overwrite)

@@ -170,3 +170,16 @@ def test_identity_covariance_gives_the_plain_svd():
     S = np.linalg.svd(W.numpy(), compute_uv=False)
     np.testing.assert_allclose(tr.S.numpy(), S[-3:], rtol=1e-10)
     np.testing.assert_allclose(tr.singular_values.numpy(), S, rtol=1e-5)  # all values: float32 (svd='auto')
+
+
+def test_auto_ipm_adapter_is_not_inflated_by_weak_directions():
+    """float32 rounding along weak input directions, amplified by C'^{-1} in A, must not survive."""
+    g = torch.Generator().manual_seed(5)
+    Q, _ = torch.linalg.qr(torch.randn(48, 48, generator=g, dtype=torch.float64))
+    C = Q @ torch.diag(torch.logspace(2, -5, 48, dtype=torch.float64)) @ Q.T
+    W = torch.randn(64, 48, generator=g, dtype=torch.float64)
+    cov = damp_covariance(C, (0.0,))
+    A_auto, _, auto = corda_factors(W, cov, 8, "ipm", 1.0, svd="auto")
+    A_full, _, _ = corda_factors(W, cov, 8, "ipm", 1.0, svd="full")
+    assert auto.path == "float32+rr"
+    assert float(A_auto.norm() / A_full.norm()) == pytest.approx(1.0, abs=1e-3)
