@@ -3,8 +3,9 @@
     python recipes/build_corda.py                         # SmolLM2-135M, KPM, r=16
     python recipes/build_corda.py --mode ipm --rank 32 --model /path/to/llama --output-dir out/x
 
-KPM calibrates on the knowledge to keep (here: questions about country capitals), so the
-adapter is built from the components that carry the least of it. The script checks that the
+KPM calibrates on the knowledge to keep (here: questions about country capitals and the fact
+paragraphs that answer them), so the adapter is built from the components that carry the least
+of it. The script checks that the
 model's outputs are unchanged at init and saves residual/ + adapter/ (stock PEFT) to disk.
 """
 
@@ -18,14 +19,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from corda_vl import CordaConfig, build_corda, build_record, collect_covariances, save_corda
-from corda_vl.data import capital_questions, padded_batches
+from corda_vl.data import capital_questions, country_fact_texts, padded_batches
 from corda_vl.models import load_llama
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded alias, hub id or local folder")
 parser.add_argument("--mode", default="kpm", choices=["kpm", "ipm"])
 parser.add_argument("--rank", type=int, default=16)
-parser.add_argument("--calib-samples", type=int, default=128, help="capital questions to calibrate on")
+parser.add_argument("--calib-samples", type=int, default=128, help="countries whose question + facts calibrate")
 parser.add_argument("--output-dir", default="out/build_corda")
 parser.add_argument("--overwrite", action="store_true")
 args = parser.parse_args()
@@ -36,13 +37,14 @@ model, tokenizer = load_llama(args.model)
 print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, "
       f"loaded in {time.perf_counter() - t0:.1f} s)")
 
-questions = [q for q, _ in capital_questions()[: args.calib_samples]]
-batches = padded_batches(tokenizer, questions, batch_size=16)
+n = args.calib_samples
+texts = [q for q, _ in capital_questions()[:n]] + country_fact_texts()[:n]
+batches = padded_batches(tokenizer, texts, batch_size=16)
 t0 = time.perf_counter()
 store = collect_covariances(model, batches)
 calib_s = time.perf_counter() - t0
 tokens = next(iter(store.counts.values()))
-print(f"calibrated on {len(questions)} capital questions ({tokens} tokens) in {calib_s:.1f} s: "
+print(f"calibrated on {n} capital questions + {n} fact paragraphs ({tokens} tokens) in {calib_s:.1f} s: "
       f"{len(store.modules)} modules share {len(store.sums)} covariances ({store.nbytes() / 2**20:.0f} MiB)")
 
 probe = padded_batches(tokenizer, ["The capital of Japan is", "Water boils at"], batch_size=2)[0]
