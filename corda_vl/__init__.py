@@ -17,6 +17,7 @@ from .errors import (
     TargetError,
     UnknownFamilyError,
 )
+from .plan import Plan, PlanRow, plan
 from .saving import export_lora, load_corda, save_corda
 
 __version__ = "0.1.0"
@@ -29,6 +30,8 @@ __all__ = [
     "CordaError",
     "CovarianceStore",
     "DecompositionError",
+    "Plan",
+    "PlanRow",
     "TargetError",
     "UnknownFamilyError",
     "build_corda",
@@ -36,5 +39,6 @@ __all__ = [
     "collect_covariances",
     "export_lora",
     "load_corda",
+    "plan",
     "save_corda",
 ]

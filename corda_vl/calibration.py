@@ -82,6 +82,8 @@ class _Collector:
         group = self.targets[name].group
         for suffix, mask in self.routes.get(group, {"": None}).items():
             rows = self._rows(name, x, mask)
+            if rows.shape[0] == 0:  # e.g. no image tokens in a text-only batch
+                continue
             key = (name, f"{self.source}/{suffix}" if suffix else self.source)
             if key not in self.sums:
                 self.sums[key] = GramSum(rows.shape[1], self.dtype, "cpu" if self.offload else rows.device)
@@ -156,8 +158,8 @@ def collect_covariances(
     try:
         total = len(batches) if hasattr(batches, "__len__") else None
         for index, raw in enumerate(tqdm(batches, total=total, desc="calibrating", disable=not progress)):
-            batch = _to_device(family.prepare(raw), device)
-            collector.start_batch(family.route(batch), index)
+            batch = _to_device(family.prepare(model, raw), device)
+            collector.start_batch(family.route(model, batch), index)
             try:
                 with torch.no_grad():
                     family.forward(model, batch)

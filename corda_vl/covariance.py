@@ -7,6 +7,8 @@ Layout (what a newcomer needs to know):
 * ``sums[(key, source)]``: sum over tokens of x x^T, and ``counts[(key, source)]`` the token
   count. ``source`` names the calibration data or modality ("calib", "nq", "calib/image"...).
   Sums and counts, not means, so stores from several batches, processes or files add exactly.
+  A source with parts ("calib/image", "calib/text") also answers to its parent name ("calib"):
+  the parts are added on request, so the all-token covariance is never stored twice.
 * ``fingerprint``: identifies the model the statistics came from (see :func:`model_fingerprint`);
   :meth:`CovarianceStore.load` and ``build_corda`` refuse a store made on another model.
 
@@ -67,7 +69,12 @@ class CovarianceStore:
 
     @property
     def sources(self) -> list[str]:
-        return sorted({source for _, source in self.sums})
+        """Every source name a query accepts: stored ones and the parents of split ones."""
+        names = set()
+        for _, source in self.sums:
+            parts = source.split(DERIVED_SEPARATOR)
+            names.update(DERIVED_SEPARATOR.join(parts[:i]) for i in range(1, len(parts) + 1))
+        return sorted(names)
 
     def input_key(self, module: str) -> str:
         try:
@@ -79,34 +86,50 @@ class CovarianceStore:
             ) from None
 
     def resolve_source(self, source: str | None) -> str:
-        """The source to use: the one asked for, or the store's only one."""
+        """The source to use: the one asked for, or the store's only top-level one."""
         available = self.sources
         if source is None:
-            if len(available) != 1:
+            roots = [s for s in available if DERIVED_SEPARATOR not in s]
+            if len(roots) != 1:
                 raise CordaError(
                     f"the store holds several covariance sources {available}; choose one with "
                     f"CordaConfig(source=...)."
                 )
-            return available[0]
+            return roots[0]
         if source not in available:
             raise CordaError(f"source {source!r} is not in the store; available: {available}.")
         return source
 
+    def _parts(self, module: str, source: str | None) -> list[tuple[str, str]]:
+        key, source = self.input_key(module), self.resolve_source(source)
+        if (key, source) in self.sums:
+            return [(key, source)]
+        parts = [k for k in self.sums if k[0] == key and k[1].startswith(source + DERIVED_SEPARATOR)]
+        if not parts:
+            raise CordaError(f"module {module!r} has no covariance for source {source!r}; its data "
+                             f"never reached it. Sources it has: "
+                             f"{sorted(s for k, s in self.sums if k == key)}.")
+        return parts
+
     def sum(self, module: str, source: str | None = None) -> torch.Tensor:
-        return self.sums[(self.input_key(module), self.resolve_source(source))]
+        parts = self._parts(module, source)
+        if len(parts) == 1:
+            return self.sums[parts[0]]
+        total = self.sums[parts[0]].clone()
+        for part in parts[1:]:
+            total += self.sums[part]
+        return total
 
     def count(self, module: str, source: str | None = None) -> int:
-        return self.counts[(self.input_key(module), self.resolve_source(source))]
+        return sum(self.counts[part] for part in self._parts(module, source))
 
     def covariance(self, module: str, source: str | None = None, dtype=torch.float64) -> torch.Tensor:
         """C = (1/n) sum_t x_t x_t^T for the input of ``module``."""
-        key = (self.input_key(module), self.resolve_source(source))
-        if key not in self.sums:
-            raise CordaError(f"module {module!r} has no covariance for source {key[1]!r}.")
-        n = self.counts[key]
+        n = self.count(module, source)
         if n == 0:
-            raise CordaError(f"module {module!r} saw no tokens for source {key[1]!r}; calibrate on data that reaches it.")
-        return self.sums[key].to(dtype).div_(n) if self.sums[key].dtype != dtype else self.sums[key] / n
+            raise CordaError(f"module {module!r} saw no tokens for source {source!r}; calibrate on data that reaches it.")
+        total = self.sum(module, source)
+        return total.to(dtype).div_(n) if total.dtype != dtype else total / n
 
     def unique_inputs(self) -> list[str]:
         """Input keys in first-seen order (one covariance each)."""

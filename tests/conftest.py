@@ -49,3 +49,65 @@ def llama():
 @pytest.fixture
 def batches():
     return text_batches()
+
+
+def tiny_clip(seed: int = 0):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0),
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=16, patch_size=4),
+        projection_dim=24)
+    return CLIPModel(config).eval()
+
+
+def clip_batches(n: int = 3, seed: int = 2):
+    """Alternating image batches and padded text batches (8 examples each)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        out.append({"pixel_values": torch.randn(8, 3, 16, 16, generator=g)})
+        ids = torch.randint(3, VOCAB, (8, 12), generator=g)
+        mask = torch.ones_like(ids)
+        mask[::2, 8:] = 0
+        ids[::2, 8:] = 0
+        ids[:, 0] = 1
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+IMAGE_TOKEN = VOCAB - 1
+PATCHES = 16  # 16x16 images, patch 4, class token dropped
+
+
+def tiny_llava(seed: int = 0):
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=16, patch_size=4)
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def llava_batches(n: int = 3, seed: int = 4):
+    """Multimodal batches (2 images, each announced by 16 image tokens, right padding) and one text-only batch."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, IMAGE_TOKEN, (2, 28), generator=g)
+        ids[:, 2:2 + PATCHES] = IMAGE_TOKEN
+        mask = torch.ones_like(ids)
+        mask[1, 24:] = 0
+        ids[1, 24:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(2, 3, 16, 16, generator=g)})
+    ids = torch.randint(1, IMAGE_TOKEN, (2, 10), generator=g)
+    out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out

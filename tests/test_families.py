@@ -33,8 +33,10 @@ def test_peft_syntax_regex_and_exclude(llama):
 
 
 def test_llama_batches_accept_tensors_and_dicts():
-    family = detect_family(tiny_llama())
+    model = tiny_llama()
+    family = detect_family(model)
     ids = torch.tensor([3, 4, 5])
-    assert family.prepare(ids)["input_ids"].shape == (1, 3)
-    routed = family.route(family.prepare({"input_ids": ids[None], "attention_mask": torch.tensor([[1, 1, 0]]), "labels": 1}))
+    assert family.prepare(model, ids)["input_ids"].shape == (1, 3)
+    batch = {"input_ids": ids[None], "attention_mask": torch.tensor([[1, 1, 0]]), "labels": 1}
+    routed = family.route(model, family.prepare(model, batch))
     assert routed["language"][""].tolist() == [[True, True, False]]

@@ -28,12 +28,14 @@ class Family:
     groups: Mapping[str, str]
     """group name -> regex searched in module names; only nn.Linear modules are candidates."""
     default_groups: tuple[str, ...]
-    route: Callable[[Mapping[str, Any]], Routes]
-    """Token masks per group for one prepared batch."""
+    route: Callable[[nn.Module, Mapping[str, Any]], Routes]
+    """(model, prepared batch) -> token masks per group and source suffix."""
     forward: Callable[[nn.Module, Mapping[str, Any]], Any]
     """Runs one prepared batch through the model (no grad, outputs ignored)."""
-    prepare: Callable[[Any], dict[str, Any]]
-    """Turns what the user's iterable yields (dict, BatchEncoding, tensor) into a dict of tensors."""
+    prepare: Callable[[nn.Module, Any], dict[str, Any]]
+    """(model, what the user's iterable yields: dict, BatchEncoding, tensor) -> dict of tensors."""
+    describe: Callable[[str, str], str] = lambda name, group: group
+    """(module name, group) -> which calibration data reaches it, for the dry-run plan."""
     task_type: str | None = None
     """PEFT task type of the wrapped model (e.g. "CAUSAL_LM"), None for a plain PeftModel."""
     priority: int = 0

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..errors import CalibrationError
 from .base import Family, Routes, has_module, register_family, tensor_dict
 
 TEXT_KEYS = ("input_ids", "attention_mask")
@@ -24,12 +25,15 @@ def _detect(model) -> bool:
     )
 
 
-def prepare_text(batch: Any) -> dict[str, Any]:
+def prepare_text(model, batch: Any) -> dict[str, Any]:
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
+    if "pixel_values" in batch:
+        raise CalibrationError("this batch has 'pixel_values' but the model is a text-only language model; "
+                               "calibrate it on text batches (input_ids, attention_mask) only.")
     out = tensor_dict(batch, TEXT_KEYS)
     if "input_ids" not in out:
-        raise ValueError("a text batch needs 'input_ids' (and usually 'attention_mask').")
+        raise CalibrationError("a text batch needs 'input_ids' (and usually 'attention_mask').")
     if out["input_ids"].dim() == 1:
         out = {k: v.unsqueeze(0) for k, v in out.items()}
     return out
@@ -43,7 +47,7 @@ def text_mask(batch: Mapping[str, Any]) -> torch.Tensor:
     return mask.bool()
 
 
-def _route(batch: Mapping[str, Any]) -> Routes:
+def _route(model, batch: Mapping[str, Any]) -> Routes:
     return {"language": {"": text_mask(batch)}}
 
 
@@ -61,5 +65,6 @@ LLAMA = register_family(
         forward=_forward,
         prepare=prepare_text,
         task_type="CAUSAL_LM",
+        describe=lambda name, group: "LM head input (text tokens)" if group == "head" else "text tokens",
     )
 )

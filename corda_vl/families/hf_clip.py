@@ -1,0 +1,78 @@
+"""transformers ``CLIPModel`` (and SigLIP-like dual encoders with the same layout).
+
+Groups: ``vision`` (vision_model encoder Linears) <- images, ``text`` (text_model encoder
+Linears) <- texts (padding masked), ``projection`` (``visual_projection`` <- pooled image
+features, ``text_projection`` <- pooled text features). A batch may carry images
+(``pixel_values``), texts (``input_ids`` + ``attention_mask``) or both; each tower only ever
+runs on its own modality, so the text tower receives no image statistics and vice versa.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..errors import CalibrationError
+from .base import Family, Routes, has_module, register_family, tensor_dict
+
+KEYS = ("pixel_values", "input_ids", "attention_mask")
+
+
+def _detect(model) -> bool:
+    return (has_module(model, r"^vision_model\.encoder\.layers\.\d+\.self_attn\.q_proj$")
+            and has_module(model, r"^text_model\.encoder\.layers\.\d+\.self_attn\.q_proj$"))
+
+
+def _prepare(model, batch: Any) -> dict[str, Any]:
+    if isinstance(batch, torch.Tensor):
+        batch = {"pixel_values": batch} if batch.dim() == 4 else {"input_ids": batch}
+    out = tensor_dict(batch, KEYS)
+    if "pixel_values" not in out and "input_ids" not in out:
+        raise CalibrationError("a CLIP batch needs 'pixel_values' (images) and/or 'input_ids' (texts).")
+    if "attention_mask" in out and "input_ids" not in out:
+        del out["attention_mask"]
+    return out
+
+
+def _route(model, batch: Mapping[str, Any]) -> Routes:
+    routes: Routes = {}
+    if "pixel_values" in batch:
+        routes["vision"] = {"": None}  # every patch token and the class token
+    if "input_ids" in batch:
+        mask = batch.get("attention_mask")
+        routes["text"] = {"": mask.bool() if mask is not None else None}
+    routes["projection"] = {"": None}  # pooled features, one row per example
+    return routes
+
+
+def _forward(model, batch: Mapping[str, Any]):
+    if "pixel_values" in batch:
+        model.get_image_features(pixel_values=batch["pixel_values"])
+    if "input_ids" in batch:
+        model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+
+
+def _describe(name: str, group: str) -> str:
+    if group == "projection":
+        return "pooled image features" if "visual" in name else "pooled text features"
+    return "image patches" if group == "vision" else "text tokens"
+
+
+HF_CLIP = register_family(
+    Family(
+        name="hf_clip",
+        detect=_detect,
+        groups={
+            "vision": r"^vision_model\.encoder\.layers\.\d+\.(self_attn|mlp)\.[^.]+$",
+            "text": r"^text_model\.encoder\.layers\.\d+\.(self_attn|mlp)\.[^.]+$",
+            "projection": r"^(visual_projection|text_projection)$",
+        },
+        default_groups=("vision", "text"),
+        route=_route,
+        forward=_forward,
+        prepare=_prepare,
+        describe=_describe,
+    )
+)

@@ -1,0 +1,98 @@
+"""transformers ``LlavaForConditionalGeneration`` (LLaVA-1.5 style: CLIP vision tower, MLP
+projector, LLaMA-style language model).
+
+Groups: ``vision`` (vision tower encoder Linears) <- images; ``projector``
+(``multi_modal_projector.linear_N``) <- vision features; ``language`` (decoder Linears) <- the
+token sequence, split into two covariance sources: ``<source>/image`` (positions of the image
+token) and ``<source>/text`` (every other non-padding token); asking the store for
+``<source>`` gives their sum, the all-token covariance. ``head`` (lm_head) is opt-in.
+Module paths are matched by structure, so transformers 4 (``language_model.model.layers``,
+``vision_tower.vision_model``) and 5 (``model.language_model.layers``) layouts both work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..errors import CalibrationError
+from .base import Family, Routes, has_module, register_family, tensor_dict
+
+KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+
+
+def _detect(model) -> bool:
+    return has_module(model, r"multi_modal_projector\.linear_\d+$") and has_module(
+        model, r"language_model\..*layers\.\d+\.self_attn\.q_proj$")
+
+
+def _image_token_id(model) -> int:
+    config = model.config
+    token = getattr(config, "image_token_id", None)
+    token = token if token is not None else getattr(config, "image_token_index", None)
+    if token is None:
+        raise CalibrationError("the LLaVA config names no image token (image_token_id / image_token_index).")
+    return int(token)
+
+
+def _prepare(model, batch: Any) -> dict[str, Any]:
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch}
+    out = tensor_dict(batch, KEYS)
+    if "input_ids" not in out:
+        raise CalibrationError("a LLaVA batch needs 'input_ids' (with image tokens where images go) and "
+                               "optionally 'pixel_values'; build it with the model's processor.")
+    has_image_tokens = bool((out["input_ids"] == _image_token_id(model)).any())
+    if has_image_tokens and "pixel_values" not in out:
+        raise CalibrationError("the batch has image tokens but no 'pixel_values'; pass the images with it.")
+    return out
+
+
+def _route(model, batch: Mapping[str, Any]) -> Routes:
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    keep = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+    image = (ids == _image_token_id(model)) & keep
+    tokens = {"image": image, "text": keep & ~image}
+    return {"vision": {"": None}, "projector": {"": None}, "language": tokens, "head": tokens}
+
+
+def _forward(model, batch: Mapping[str, Any]):
+    try:
+        return model(**batch, use_cache=False)
+    except ValueError as exc:
+        if "image" in str(exc).lower():
+            raise CalibrationError(
+                f"the batch's image tokens do not match its image features ({exc}). Each image must "
+                f"be announced by exactly as many image tokens as the vision tower yields patches; "
+                f"build batches with the model's processor."
+            ) from exc
+        raise
+
+
+def _describe(name: str, group: str) -> str:
+    return {"vision": "image patches", "projector": "vision features",
+            "language": "image tokens + text tokens (separate sources)",
+            "head": "image tokens + text tokens (separate sources)"}[group]
+
+
+LLAVA = register_family(
+    Family(
+        name="llava",
+        detect=_detect,
+        groups={
+            "vision": r"vision_tower\..*encoder\.layers\.\d+\.(self_attn|mlp)\.[^.]+$",
+            "projector": r"multi_modal_projector\.linear_\d+$",
+            "language": r"language_model\..*layers\.\d+\.(self_attn|mlp)\.[^.]+$",
+            "head": r"(^|\.)lm_head$",
+        },
+        default_groups=("language",),
+        route=_route,
+        forward=_forward,
+        prepare=_prepare,
+        describe=_describe,
+        priority=10,  # a LLaVA contains a LLaMA; the more specific family wins
+    )
+)

@@ -1,0 +1,92 @@
+"""LLaVA: image / text token covariances, vision and projector routing, exactness, save/load."""
+
+import pytest
+import torch
+from conftest import IMAGE_TOKEN, PATCHES, llava_batches, tiny_llava
+
+from corda_vl import CalibrationError, CordaConfig, build_corda, collect_covariances, load_corda, plan, save_corda
+from corda_vl.families import detect_family
+
+GROUPS = ["vision", "projector", "language"]
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.fixture
+def store():
+    return collect_covariances(tiny_llava(), llava_batches(), groups=GROUPS, progress=False)
+
+
+def test_llava_wins_over_llama():
+    assert detect_family(tiny_llava()).name == "llava"
+
+
+def test_image_and_text_token_covariances_add_up_to_all_tokens(store):
+    model, batches = tiny_llava(), llava_batches()
+    name = "model.language_model.layers.1.mlp.down_proj"
+    seen = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    for b in batches:
+        with torch.no_grad():
+            model(**b)
+    handle.remove()
+    rows = [(x, b) for x, b in zip(seen, batches)]
+    everything = torch.cat([x[b["attention_mask"].bool()] for x, b in rows])
+    images = torch.cat([x[(b["input_ids"] == IMAGE_TOKEN) & b["attention_mask"].bool()] for x, b in rows])
+    assert store.count(name, "calib/image") == images.shape[0] == 3 * 2 * PATCHES
+    assert store.count(name, "calib") == everything.shape[0]
+    assert store.count(name, "calib/image") + store.count(name, "calib/text") == store.count(name, "calib")
+    torch.testing.assert_close(store.sum(name, "calib"), everything.T @ everything, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(store.sum(name, "calib/image"), images.T @ images, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(store.sum(name, "calib/image") + store.sum(name, "calib/text"), store.sum(name, "calib"))
+
+
+def test_vision_tower_and_projector_see_images_only(store):
+    assert store.count("model.vision_tower.encoder.layers.0.mlp.fc1") == 6 * (PATCHES + 1)
+    assert store.count("model.multi_modal_projector.linear_1") == 6 * PATCHES
+    assert store.sources == ["calib", "calib/image", "calib/text"]
+    assert {s for (k, s) in store.sums if "vision_tower" in k} == {"calib"}
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+@pytest.mark.parametrize("source", [None, "calib/text"])
+def test_outputs_unchanged_at_init(store, mode, source):
+    model, batch = tiny_llava(), llava_batches()[0]
+    groups = GROUPS if source is None else ["language"]
+    ref = logits(model, batch)
+    peft_model = build_corda(model, store, CordaConfig(r=4, mode=mode, groups=groups, source=source), progress=False)
+    torch.testing.assert_close(logits(peft_model, batch), ref, atol=3e-5, rtol=0)
+
+
+def test_save_load_and_dry_run(store, tmp_path):
+    model, batch = tiny_llava(), llava_batches()[0]
+    config = CordaConfig(r=4, groups=GROUPS)
+    dry = plan(model, config, store)
+    peft_model = build_corda(model, store, config, progress=False)
+    adapted = sorted(n for n, m in peft_model.get_base_model().named_modules() if hasattr(m, "lora_A") and m.lora_A)
+    assert sorted(dry.modules) == adapted and len(adapted) == 28
+    assert set(dry.group_totals()) == set(GROUPS)
+    ref = logits(peft_model, batch)
+    save_corda(peft_model, tmp_path / "llava")
+    torch.testing.assert_close(logits(load_corda(tmp_path / "llava"), batch), ref, atol=1e-6, rtol=0)
+
+
+def test_mismatched_image_tokens_are_explained():
+    batch = dict(llava_batches()[0])
+    batch["input_ids"] = batch["input_ids"].clone()
+    batch["input_ids"][0, 2] = 5  # one image token too few
+    with pytest.raises(CalibrationError, match="image tokens do not match its image features"):
+        collect_covariances(tiny_llava(), [batch], progress=False)
+    batch = dict(llava_batches()[0])
+    del batch["pixel_values"]
+    with pytest.raises(CalibrationError, match="no 'pixel_values'"):
+        collect_covariances(tiny_llava(), [batch], progress=False)
+
+
+def test_images_sent_to_a_text_only_model(llama):
+    batch = {"input_ids": torch.ones(1, 4, dtype=torch.long), "pixel_values": torch.zeros(1, 3, 16, 16)}
+    with pytest.raises(CalibrationError, match="text-only"):
+        collect_covariances(llama, [batch], progress=False)
