@@ -48,6 +48,8 @@ def resolve_targets(
     exclude_modules: Sequence[str] | str | None = None,
 ) -> list[Target]:
     """The nn.Linear modules of ``groups`` that match the PEFT-style patterns, in model order."""
+    if family.validate is not None:
+        family.validate(model)
     groups = list(groups) if groups else list(family.default_groups)
     unknown = [g for g in groups if g not in family.groups]
     if unknown:

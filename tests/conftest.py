@@ -111,3 +111,28 @@ def llava_batches(n: int = 3, seed: int = 4):
     ids = torch.randint(1, IMAGE_TOKEN, (2, 10), generator=g)
     out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     return out
+
+
+def tiny_open_clip(seed: int = 0):
+    """A real open_clip CLIP (ViT towers, nn.MultiheadAttention) small enough for tests; its text
+    tower takes open_clip's own tokenizer (vocabulary 49408, context 77)."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionCfg(layers=2, width=32, head_width=8, image_size=16, patch_size=4)
+    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=4, layers=2)
+    return CLIP(embed_dim=24, vision_cfg=vision, text_cfg=text).eval()
+
+
+def open_clip_batches(n: int = 2, seed: int = 6):
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    g = torch.Generator().manual_seed(seed)
+    captions = ["a photo of a cat", "a drawing of a red square", "two dogs", "a digit seven",
+                "a blue circle on white", "the capital of france", "a small green triangle", "noise"]
+    out = []
+    for i in range(n):
+        out.append({"image": torch.randn(8, 3, 16, 16, generator=g)})
+        out.append({"text": tokenizer(captions[i:] + captions[:i])})
+    return out

@@ -4,5 +4,7 @@ from .base import Family, detect_family, get_family, register_family, registered
 from .hf_clip import HF_CLIP
 from .llama import LLAMA
 from .llava import LLAVA
+from .open_clip import OPEN_CLIP
+from .open_clip_convert import convert_open_clip, to_open_clip_state_dict
 
-__all__ = ["Family", "HF_CLIP", "LLAMA", "LLAVA", "detect_family", "get_family", "register_family", "registered_families"]
+__all__ = ["Family", "HF_CLIP", "LLAMA", "LLAVA", "OPEN_CLIP", "convert_open_clip", "to_open_clip_state_dict", "detect_family", "get_family", "register_family", "registered_families"]

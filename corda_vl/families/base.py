@@ -36,6 +36,8 @@ class Family:
     """(model, what the user's iterable yields: dict, BatchEncoding, tensor) -> dict of tensors."""
     describe: Callable[[str, str], str] = lambda name, group: group
     """(module name, group) -> which calibration data reaches it, for the dry-run plan."""
+    validate: Callable[[nn.Module], None] | None = None
+    """Raises when the model must be prepared first (e.g. open_clip attention not converted)."""
     task_type: str | None = None
     """PEFT task type of the wrapped model (e.g. "CAUSAL_LM"), None for a plain PeftModel."""
     priority: int = 0

@@ -1,0 +1,94 @@
+"""open_clip: exact attention conversion, modality routing, exactness at init, the way back."""
+
+import pytest
+import torch
+from conftest import open_clip_batches, tiny_open_clip
+
+from corda_vl import CordaConfig, TargetError, build_corda, collect_covariances, plan
+from corda_vl.families import convert_open_clip, detect_family, to_open_clip_state_dict
+
+open_clip = pytest.importorskip("open_clip")
+ALL = ["vision", "text", "projection"]
+
+
+def encode(model, batches):
+    image = next(b["image"] for b in batches if "image" in b)
+    text = next(b["text"] for b in batches if "text" in b)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.no_grad():
+        return base.encode_image(image), base.encode_text(text)
+
+
+def test_conversion_is_exact_and_reaches_every_linear():
+    original, converted = tiny_open_clip(), convert_open_clip(tiny_open_clip())
+    batches = open_clip_batches()
+    for a, b in zip(encode(original, batches), encode(converted, batches)):
+        assert (a - b).abs().max() <= 1e-6
+    names = {n for n, m in converted.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert "visual.transformer.resblocks.1.attn.out_proj" in names and "visual.proj.linear" in names
+    assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in converted.modules())
+
+
+def test_zero_shot_helpers_still_work_on_the_converted_model():
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    args = dict(tokenizer=tokenizer, classnames=["cat", "dog", "square"], templates=["a photo of a {}."],
+                num_classes_per_batch=2, device="cpu", use_tqdm=False)
+    expected = build_zero_shot_classifier(tiny_open_clip(), **args)
+    got = build_zero_shot_classifier(convert_open_clip(tiny_open_clip()), **args)
+    assert got.shape == (24, 3) and (got - expected).abs().max() <= 1e-6
+
+
+def test_unconverted_models_are_refused():
+    model = tiny_open_clip()
+    assert detect_family(model).name == "open_clip"
+    with pytest.raises(TargetError, match="convert_open_clip"):
+        collect_covariances(model, open_clip_batches(), progress=False)
+
+
+def test_towers_see_their_own_modality_and_match_direct_inputs():
+    model, batches = convert_open_clip(tiny_open_clip()), open_clip_batches()
+    store = collect_covariances(model, batches, groups=ALL, progress=False)
+    name = "visual.transformer.resblocks.0.attn.k_proj"
+    seen = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    for b in batches:
+        if "image" in b:
+            with torch.no_grad():
+                model.encode_image(b["image"])
+    handle.remove()
+    xs = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])
+    torch.testing.assert_close(store.sum(name), xs.T @ xs, rtol=1e-5, atol=1e-4)
+    assert store.inputs[name] == store.inputs["visual.transformer.resblocks.0.attn.v_proj"]  # shared input
+    text_tokens = sum(int((b["text"] != 0).sum()) for b in batches if "text" in b)
+    assert store.count("transformer.resblocks.1.mlp.c_fc") == text_tokens
+    assert store.count("visual.proj.linear") == store.count("text_projection.linear") == 16
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+def test_outputs_unchanged_at_init_and_the_way_back(mode):
+    model, batches = convert_open_clip(tiny_open_clip()), open_clip_batches()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # projections see only 16 pooled rows
+        store = collect_covariances(model, batches, groups=ALL, progress=False)
+    ref = encode(model, batches)
+    config = CordaConfig(r=4, mode=mode, groups=ALL)
+    assert len(plan(model, config, store).rows) == 26
+    peft_model = build_corda(model, store, config, progress=False)
+    for out, expected in zip(encode(peft_model, batches), ref):
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)
+    with torch.no_grad():  # "train": move every adapter
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    # float64, so that the comparison sees the merge logic, not float32 rounding of large KPM A factors
+    peft_model.double()
+    batches = [{k: v.double() if v.is_floating_point() else v for k, v in b.items()} for b in batches]
+    trained = encode(peft_model, batches)
+    stock = tiny_open_clip(seed=9).double()
+    stock.load_state_dict(to_open_clip_state_dict(peft_model))
+    for out, expected, before in zip(encode(stock, batches), trained, ref):
+        torch.testing.assert_close(out, expected, atol=1e-9, rtol=0)
+        assert (expected - before.double()).abs().max() > 1e-4  # the adapters did change the outputs
