@@ -60,7 +60,7 @@ def _register(peft_model: nn.Module, record: BuildRecord) -> None:
 
 def _check_ranks(targets: list[Target], config: CordaConfig) -> None:
     for t in targets:
-        r = config.rank_for(t.name)
+        r = config.rank_for(t.name, t.group)
         if r >= min(t.d_in, t.d_out):
             raise TargetError(
                 f"module {t.name!r} ({t.d_out}x{t.d_in}) cannot take rank {r}: it must be below "
@@ -86,10 +86,10 @@ def _check_untied(model: nn.Module, targets: list[Target]) -> None:
 def lora_config_for(targets: list[Target], config: CordaConfig, task_type: str | None) -> LoraConfig:
     """The stock PEFT LoraConfig matching the per-module ranks/alphas corda_vl decomposes with."""
     alpha = config.alpha if config.alpha is not None else config.r
-    rank_pattern = {re.escape(t.name): config.rank_for(t.name) for t in targets
-                    if config.rank_for(t.name) != config.r}
-    alpha_pattern = {re.escape(t.name): config.alpha_for(t.name) for t in targets
-                     if config.alpha_for(t.name) != alpha}
+    rank_pattern = {re.escape(t.name): config.rank_for(t.name, t.group) for t in targets
+                    if config.rank_for(t.name, t.group) != config.r}
+    alpha_pattern = {re.escape(t.name): config.alpha_for(t.name, t.group) for t in targets
+                     if config.alpha_for(t.name, t.group) != alpha}
     init: Any = True
     if config.method == "pissa":
         init = "pissa" if config.pissa_niter is None else f"pissa_niter_{config.pissa_niter}"
@@ -124,15 +124,16 @@ def _decompose_all(
                                   normalize=config.covariance_normalization == "mean_diag", dtype=dtype, name=key)
             tokens = store.count(key, source)
         for t in members:
-            r, s = config.rank_for(t.name), config.scaling_for(t.name)
-            mode = config.mode if config.method == "corda" else "kpm"
+            r, s = config.rank_for(t.name, t.group), config.scaling_for(t.name, t.group)
+            mode = config.mode_for(t.group) if config.method == "corda" else "kpm"
             try:
                 A, B, triplets = corda_factors(t.module.weight.detach(), cov, r, mode, s, config.svd, config.lowrank_niter)
             except (DecompositionError, torch.linalg.LinAlgError) as exc:
                 raise DecompositionError(f"module {t.name!r}: {exc}") from exc
             keep = torch.float64 if t.module.weight.dtype == torch.float64 else torch.float32
             factors[t.name] = (A.to(keep), B.to(keep))
-            info[t.name] = {"group": t.group, "rank": r, "alpha": config.alpha_for(t.name), "input": key,
+            info[t.name] = {"group": t.group, "rank": r, "alpha": config.alpha_for(t.name, t.group), "input": key,
+                            "mode": mode,
                             "damping": cov.damping, "tokens": tokens, "shape": [t.d_out, t.d_in],
                             "svd": triplets.path, "context_share": triplets.context_share}
             bar.update(1)
@@ -187,8 +188,9 @@ def build_corda(
     elif config.method == "milora":
         factors, record.modules = _decompose_all(targets, None, config, None, progress)
     else:
-        record.modules = {t.name: {"group": t.group, "rank": config.rank_for(t.name),
-                                   "alpha": config.alpha_for(t.name), "shape": [t.d_out, t.d_in]} for t in targets}
+        record.modules = {t.name: {"group": t.group, "rank": config.rank_for(t.name, t.group),
+                                   "alpha": config.alpha_for(t.name, t.group), "shape": [t.d_out, t.d_in]}
+                          for t in targets}
     lora_config = lora_config_for(targets, config, family.task_type)
     peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
     if factors is not None:

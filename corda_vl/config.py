@@ -67,6 +67,16 @@ class CordaConfig:
         "PEFT syntax: {name-or-regex: alpha} overriding alpha for matching modules.",
         default_factory=dict,
     )
+    group_ranks: dict[str, int] = _help(
+        "{group: rank} for whole groups (e.g. {'vision': 8, 'language': 32}); rank_pattern entries "
+        "that match a module still win.",
+        default_factory=dict,
+    )
+    group_modes: dict[str, str] = _help(
+        "{group: 'kpm' | 'ipm'} overriding mode per group (e.g. KPM on language, IPM on the "
+        "projector). To freeze a group, leave it out of groups.",
+        default_factory=dict,
+    )
     source: str | None = _help(
         "Which covariance of the store to use when it holds several (e.g. 'calib', 'nq'). None "
         "= the store's only source.",
@@ -131,22 +141,32 @@ class CordaConfig:
             raise CordaError(f"damping={self.damping!r} must be a non-empty ascending list of lam >= 0.")
         if isinstance(self.groups, str):
             self.groups = [self.groups]
+        bad = {g: m for g, m in self.group_modes.items() if m not in MODES}
+        if bad:
+            raise CordaError(f"group_modes {bad}: modes must be one of {MODES}.")
+        if any(not isinstance(r, int) or r < 1 for r in self.group_ranks.values()):
+            raise CordaError(f"group_ranks={self.group_ranks!r} must map groups to positive integers.")
 
-    def rank_for(self, module_name: str) -> int:
-        """Rank of one module, resolved from rank_pattern exactly as PEFT resolves it."""
+    def rank_for(self, module_name: str, group: str | None = None) -> int:
+        """Rank of one module: rank_pattern (resolved exactly as PEFT does), then group_ranks, then r."""
         key = get_pattern_key(list(self.rank_pattern), module_name)
-        return int(self.rank_pattern.get(key, self.r))
+        if key in self.rank_pattern:
+            return int(self.rank_pattern[key])
+        return int(self.group_ranks.get(group, self.r))
 
-    def alpha_for(self, module_name: str) -> float:
+    def alpha_for(self, module_name: str, group: str | None = None) -> float:
         """LoRA alpha of one module (alpha_pattern, then alpha, then the module's rank)."""
         key = get_pattern_key(list(self.alpha_pattern), module_name)
         if key in self.alpha_pattern:
             return float(self.alpha_pattern[key])
-        return float(self.alpha) if self.alpha is not None else float(self.rank_for(module_name))
+        return float(self.alpha) if self.alpha is not None else float(self.rank_for(module_name, group))
 
-    def scaling_for(self, module_name: str) -> float:
+    def scaling_for(self, module_name: str, group: str | None = None) -> float:
         """LoRA scaling s = alpha / r of one module."""
-        return self.alpha_for(module_name) / self.rank_for(module_name)
+        return self.alpha_for(module_name, group) / self.rank_for(module_name, group)
+
+    def mode_for(self, group: str | None = None) -> str:
+        return self.group_modes.get(group, self.mode)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

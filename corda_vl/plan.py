@@ -75,7 +75,7 @@ def plan(model: nn.Module, config: CordaConfig | None = None, store: CovarianceS
     source = store.resolve_source(config.source) if store is not None and config.method == "corda" else None
     rows = []
     for t in targets:
-        rank = config.rank_for(t.name)
+        rank = config.rank_for(t.name, t.group)
         if config.method in ("lora", "pissa"):
             cov = "none (data-free)"
         elif config.method == "milora":
@@ -84,6 +84,8 @@ def plan(model: nn.Module, config: CordaConfig | None = None, store: CovarianceS
             cov = family.describe(t.name, t.group)
             if source is not None and t.name in store.inputs:
                 cov += f" [{source}, input {store.inputs[t.name]}, {store.count(t.name, source)} tokens]"
-        rows.append(PlanRow(t.group, t.name, (t.d_out, t.d_in), rank, config.alpha_for(t.name), cov,
+        if config.method == "corda" and config.group_modes:
+            cov = f"{config.mode_for(t.group)}: {cov}"
+        rows.append(PlanRow(t.group, t.name, (t.d_out, t.d_in), rank, config.alpha_for(t.name, t.group), cov,
                             rank * (t.d_in + t.d_out)))
     return Plan(config.method, config.mode, rows)

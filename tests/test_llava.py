@@ -90,3 +90,22 @@ def test_images_sent_to_a_text_only_model(llama):
     batch = {"input_ids": torch.ones(1, 4, dtype=torch.long), "pixel_values": torch.zeros(1, 3, 16, 16)}
     with pytest.raises(CalibrationError, match="text-only"):
         collect_covariances(llama, [batch], progress=False)
+
+
+def test_per_group_rank_and_mode(store):
+    model, batch = tiny_llava(), llava_batches()[0]
+    ref = logits(model, batch)
+    config = CordaConfig(r=4, groups=["projector", "language"], group_ranks={"projector": 2},
+                         group_modes={"projector": "ipm"}, rank_pattern={"down_proj": 3})
+    dry = {row.module: row for row in plan(model, config, store).rows}
+    peft_model = build_corda(model, store, config, progress=False)
+    torch.testing.assert_close(logits(peft_model, batch), ref, atol=3e-5, rtol=0)
+    from corda_vl import build_record
+
+    record = build_record(peft_model).modules
+    base = peft_model.get_base_model()
+    assert base.model.multi_modal_projector.linear_1.r["default"] == 2 == dry["model.multi_modal_projector.linear_1"].rank
+    assert record["model.multi_modal_projector.linear_1"]["mode"] == "ipm"
+    assert record["model.language_model.layers.0.self_attn.q_proj"]["mode"] == "kpm"
+    assert base.model.language_model.layers[0].mlp.down_proj.r["default"] == 3  # rank_pattern wins
+    assert not any("vision_tower" in n and "lora" in n for n, _ in base.named_modules())  # vision frozen

@@ -92,3 +92,18 @@ def test_outputs_unchanged_at_init_and_the_way_back(mode):
     for out, expected, before in zip(encode(stock, batches), trained, ref):
         torch.testing.assert_close(out, expected, atol=1e-9, rtol=0)
         assert (expected - before.double()).abs().max() > 1e-4  # the adapters did change the outputs
+
+
+def test_unconvertible_models_are_clear_errors():
+    from corda_vl import CordaError
+
+    with pytest.raises(CordaError, match="not an open_clip CLIP"):
+        convert_open_clip(torch.nn.Linear(2, 2))
+    model = tiny_open_clip()
+    model.visual = torch.nn.Conv2d(3, 24, 16)  # a tower without a ViT transformer (timm/ConvNeXt-like)
+    with pytest.raises(CordaError, match="no ViT transformer"):
+        convert_open_clip(model)
+    bad = torch.nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True)
+    with pytest.raises(CordaError, match="bias_k"):
+        from corda_vl.families.open_clip_convert import ExplicitAttention
+        ExplicitAttention(bad)
