@@ -2,7 +2,9 @@
 
 ``save_corda(model, out)`` writes::
 
-    out/residual/      the base model with W_res in place of W (``from_pretrained`` loads it)
+    out/residual/      the base model with W_res in place of W (``from_pretrained`` loads it; for
+                       models without ``save_pretrained``, e.g. open_clip: model.safetensors, a
+                       state dict that ``load_corda(out, base_model=...)`` loads into a fresh model)
     out/adapter/       a stock PEFT adapter folder (``PeftModel.from_pretrained(residual, ...)``)
     out/corda_vl.json  how it was built (method, source, damping and rank per module)
 
@@ -63,13 +65,21 @@ def _residual_state_dict(peft_model: PeftModel) -> dict[str, torch.Tensor]:
 
 
 def _save_residual(peft_model: PeftModel, path: Path, tokenizer: Any = None) -> str:
+    """Write the residual base; return its format: 'transformers' or 'state_dict'."""
     base = peft_model.get_base_model()
-    if not hasattr(base, "save_pretrained"):
-        raise CordaError(f"save_corda needs a transformers model (with save_pretrained); got {type(base).__name__}.")
-    base.save_pretrained(path, state_dict=_residual_state_dict(peft_model))
-    if tokenizer is not None:
+    state = _residual_state_dict(peft_model)
+    if hasattr(base, "save_pretrained"):
+        base.save_pretrained(path, state_dict=state)
+        kind = "transformers"
+    else:
+        from safetensors.torch import save_file
+
+        path.mkdir(parents=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path / "model.safetensors")
+        kind = "state_dict"
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(path)
-    return type(base).__name__
+    return kind
 
 
 def save_corda(peft_model: PeftModel, out_dir: str | os.PathLike, *, tokenizer: Any = None,
@@ -79,9 +89,10 @@ def save_corda(peft_model: PeftModel, out_dir: str | os.PathLike, *, tokenizer: 
         raise CordaError("save_corda expects the PeftModel returned by build_corda or load_corda.")
     record = build_record(peft_model)
     with atomic_dir(out_dir, overwrite) as tmp:
-        base_class = _save_residual(peft_model, tmp / "residual", tokenizer)
+        residual_format = _save_residual(peft_model, tmp / "residual", tokenizer)
         peft_model.save_pretrained(tmp / "adapter")
-        meta = {"format": FORMAT, "version": VERSION, "base_class": base_class,
+        meta = {"format": FORMAT, "version": VERSION, "residual_format": residual_format,
+                "base_class": type(peft_model.get_base_model()).__name__,
                 "adapter_name": peft_model.active_adapter,
                 "build": record.to_dict() if record is not None else None}
         (tmp / "corda_vl.json").write_text(json.dumps(meta, indent=2))
@@ -101,18 +112,45 @@ def _read_meta(out_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def load_corda(out_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-               device: str | torch.device | None = None, is_trainable: bool = False) -> PeftModel:
-    """Load what :func:`save_corda` wrote: the residual base with the adapter attached."""
+def _load_transformers_residual(out: Path, meta: dict[str, Any], dtype) -> torch.nn.Module:
     import transformers
 
-    out = Path(out_dir)
-    meta = _read_meta(out)
     model_cls = getattr(transformers, meta["base_class"], None)
     if model_cls is None:
         raise CacheError(f"transformers has no class {meta['base_class']!r}; upgrade transformers.")
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    base = model_cls.from_pretrained(out / "residual", **kwargs)
+    return model_cls.from_pretrained(out / "residual", **kwargs)
+
+
+def _load_state_dict_residual(out: Path, meta: dict[str, Any], base_model: torch.nn.Module | None) -> torch.nn.Module:
+    from safetensors.torch import load_file
+
+    if base_model is None:
+        raise CordaError(
+            f"{out} holds a {meta['base_class']} residual as a plain state dict; pass base_model= a freshly "
+            f"built model of the same architecture (for open_clip: "
+            f"convert_open_clip(open_clip.create_model(...)))."
+        )
+    try:
+        base_model.load_state_dict(load_file(out / "residual" / "model.safetensors"), strict=True)
+    except RuntimeError as exc:
+        raise CacheError(f"the residual in {out} does not fit base_model ({exc}).") from exc
+    return base_model
+
+
+def load_corda(out_dir: str | os.PathLike, *, base_model: torch.nn.Module | None = None,
+               dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+               is_trainable: bool = False) -> PeftModel:
+    """Load what :func:`save_corda` wrote: the residual base with the adapter attached.
+
+    ``base_model`` is only needed for residuals saved as plain state dicts (models without
+    ``save_pretrained``, such as open_clip): the weights are loaded into it."""
+    out = Path(out_dir)
+    meta = _read_meta(out)
+    if meta.get("residual_format", "transformers") == "transformers":
+        base = _load_transformers_residual(out, meta, dtype)
+    else:
+        base = _load_state_dict_residual(out, meta, base_model)
     if device is not None:
         base = base.to(device)
     name = meta.get("adapter_name", "default")

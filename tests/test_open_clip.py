@@ -107,3 +107,18 @@ def test_unconvertible_models_are_clear_errors():
     with pytest.raises(CordaError, match="bias_k"):
         from corda_vl.families.open_clip_convert import ExplicitAttention
         ExplicitAttention(bad)
+
+
+def test_save_corda_and_load_into_a_fresh_converted_model(tmp_path):
+    from corda_vl import CordaError, load_corda, save_corda
+
+    model, batches = convert_open_clip(tiny_open_clip()), open_clip_batches()
+    store = collect_covariances(model, batches, progress=False)
+    peft_model = build_corda(model, store, CordaConfig(r=4), progress=False)
+    ref = encode(peft_model, batches)
+    save_corda(peft_model, tmp_path / "oc")
+    with pytest.raises(CordaError, match="base_model="):
+        load_corda(tmp_path / "oc")
+    loaded = load_corda(tmp_path / "oc", base_model=convert_open_clip(tiny_open_clip(seed=3)))
+    for out, expected in zip(encode(loaded, batches), ref):
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
