@@ -40,3 +40,11 @@ def test_llama_batches_accept_tensors_and_dicts():
     batch = {"input_ids": ids[None], "attention_mask": torch.tensor([[1, 1, 0]]), "labels": 1}
     routed = family.route(model, family.prepare(model, batch))
     assert routed["language"][""].tolist() == [[True, True, False]]
+
+
+def test_a_group_that_matches_nothing_is_an_error(llama):
+    from corda_vl import TargetError
+
+    decoder_only = llama.model  # LlamaModel: the decoder layers without an LM head
+    with pytest.raises(TargetError, match="group 'head' matches no nn.Linear"):
+        resolve_targets(decoder_only, detect_family(decoder_only), groups=["head"])

@@ -75,8 +75,10 @@ def test_outputs_unchanged_at_init_and_the_way_back(mode):
         store = collect_covariances(model, batches, groups=ALL, progress=False)
     ref = encode(model, batches)
     config = CordaConfig(r=4, mode=mode, groups=ALL)
-    assert len(plan(model, config, store).rows) == 26
+    dry = plan(model, config, store)
     peft_model = build_corda(model, store, config, progress=False)
+    adapted = sorted(n for n, m in peft_model.get_base_model().named_modules() if hasattr(m, "lora_A") and m.lora_A)
+    assert sorted(dry.modules) == adapted and len(adapted) == 26
     for out, expected in zip(encode(peft_model, batches), ref):
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)
     with torch.no_grad():  # "train": move every adapter
