@@ -136,3 +136,17 @@ def open_clip_batches(n: int = 2, seed: int = 6):
         out.append({"image": torch.randn(8, 3, 16, 16, generator=g)})
         out.append({"text": tokenizer(captions[i:] + captions[:i])})
     return out
+
+
+def module_inputs(model, name, run, batches):
+    """The inputs module ``name`` receives while ``run(model, batch)`` goes over ``batches``
+    (one entry per batch that reached it), captured by a hook the test installs itself."""
+    seen = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    try:
+        for batch in batches:
+            with torch.no_grad():
+                run(model, batch)
+    finally:
+        handle.remove()
+    return seen

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import logits, tiny_llama
+from conftest import logits, module_inputs, tiny_llama
 
 from corda_vl import CordaConfig, CordaError, DecompositionError, TargetError, build_corda, build_record, collect_covariances
 from corda_vl.decompose import damp_covariance
@@ -156,12 +156,7 @@ def test_built_adapter_matches_an_independent_co_svd(batches, mode):
 
     model, name, r = tiny_llama(), "model.layers.1.self_attn.o_proj", 3
     W = model.get_submodule(name).weight.detach().double().numpy().copy()
-    seen = []
-    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    for b in batches:
-        with torch.no_grad():
-            model(**b)
-    handle.remove()
+    seen = module_inputs(model, name, lambda m, b: m(**b), batches)
     X = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(seen, batches)]).double().numpy()
     C = X.T @ X / X.shape[0]
     store = collect_covariances(model, batches, dtype=torch.float64, progress=False)

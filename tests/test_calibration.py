@@ -4,19 +4,15 @@ import warnings
 
 import pytest
 import torch
-from conftest import text_batches, tiny_llama
+from conftest import module_inputs, text_batches, tiny_llama
 
 from corda_vl import CalibrationError, collect_covariances
 
 
 def direct_inputs(model, batch, module_name):
     """The non-padding inputs of one module, captured by a hook the test installs itself."""
-    seen = []
-    handle = model.get_submodule(module_name).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    with torch.no_grad():
-        model(**batch)
-    handle.remove()
-    return seen[0][batch["attention_mask"].bool()]
+    (x,) = module_inputs(model, module_name, lambda m, b: m(**b), [batch])
+    return x[batch["attention_mask"].bool()]
 
 
 def test_covariance_equals_direct_computation(llama, batches):

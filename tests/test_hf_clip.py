@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import clip_batches, tiny_clip
+from conftest import clip_batches, module_inputs, tiny_clip
 
 from corda_vl import CalibrationError, CordaConfig, build_corda, collect_covariances, load_corda, plan, save_corda
 from corda_vl.families import detect_family
@@ -31,13 +31,8 @@ def test_image_tower_covariance_equals_direct_computation():
     model, batches = tiny_clip(), clip_batches()
     store = collect_covariances(model, batches, groups=ALL, progress=False)
     name = "vision_model.encoder.layers.1.mlp.fc2"
-    seen = []
-    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    for b in batches:
-        if "pixel_values" in b:
-            with torch.no_grad():
-                model.get_image_features(pixel_values=b["pixel_values"])
-    handle.remove()
+    images = [b for b in batches if "pixel_values" in b]
+    seen = module_inputs(model, name, lambda m, b: m.get_image_features(pixel_values=b["pixel_values"]), images)
     xs = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])
     torch.testing.assert_close(store.sum(name), xs.T @ xs, rtol=1e-5, atol=1e-4)
     assert store.count(name) == 3 * 8 * 17  # 16 patches + class token per image

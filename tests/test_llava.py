@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, PATCHES, llava_batches, tiny_llava
+from conftest import IMAGE_TOKEN, PATCHES, llava_batches, module_inputs, tiny_llava
 
 from corda_vl import CalibrationError, CordaConfig, build_corda, collect_covariances, load_corda, plan, save_corda
 from corda_vl.families import detect_family
@@ -27,12 +27,7 @@ def test_llava_wins_over_llama():
 def test_image_and_text_token_covariances_add_up_to_all_tokens(store):
     model, batches = tiny_llava(), llava_batches()
     name = "model.language_model.layers.1.mlp.down_proj"
-    seen = []
-    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    for b in batches:
-        with torch.no_grad():
-            model(**b)
-    handle.remove()
+    seen = module_inputs(model, name, lambda m, b: m(**b), batches)
     rows = [(x, b) for x, b in zip(seen, batches)]
     everything = torch.cat([x[b["attention_mask"].bool()] for x, b in rows])
     images = torch.cat([x[(b["input_ids"] == IMAGE_TOKEN) & b["attention_mask"].bool()] for x, b in rows])

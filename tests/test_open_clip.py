@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import open_clip_batches, tiny_open_clip
+from conftest import module_inputs, open_clip_batches, tiny_open_clip
 
 from corda_vl import CordaConfig, TargetError, build_corda, collect_covariances, plan
 from corda_vl.families import convert_open_clip, detect_family, to_open_clip_state_dict
@@ -51,13 +51,7 @@ def test_towers_see_their_own_modality_and_match_direct_inputs():
     model, batches = convert_open_clip(tiny_open_clip()), open_clip_batches()
     store = collect_covariances(model, batches, groups=ALL, progress=False)
     name = "visual.transformer.resblocks.0.attn.k_proj"
-    seen = []
-    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    for b in batches:
-        if "image" in b:
-            with torch.no_grad():
-                model.encode_image(b["image"])
-    handle.remove()
+    seen = module_inputs(model, name, lambda m, b: m.encode_image(b["image"]), [b for b in batches if "image" in b])
     xs = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])
     torch.testing.assert_close(store.sum(name), xs.T @ xs, rtol=1e-5, atol=1e-4)
     assert store.inputs[name] == store.inputs["visual.transformer.resblocks.0.attn.v_proj"]  # shared input
