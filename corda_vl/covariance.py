@@ -131,10 +131,6 @@ class CovarianceStore:
         total = self.sum(module, source)
         return total.to(dtype).div_(n) if total.dtype != dtype else total / n
 
-    def unique_inputs(self) -> list[str]:
-        """Input keys in first-seen order (one covariance each)."""
-        return list(dict.fromkeys(self.inputs.values()))
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.sums.values())
 
@@ -174,10 +170,6 @@ class CovarianceStore:
             {(k, rename(s)): v for (k, s), v in self.counts.items()},
             self.fingerprint,
         )
-
-    def to(self, device: torch.device | str) -> "CovarianceStore":
-        return CovarianceStore(dict(self.inputs), {k: v.to(device) for k, v in self.sums.items()},
-                               dict(self.counts), self.fingerprint)
 
     # --------------------------------------------------------------------- I/O
     def save(self, path: str | os.PathLike) -> Path:

@@ -42,10 +42,6 @@ class DampedCovariance:
         """C'^{-1} @ rhs through the Cholesky factor."""
         return torch.cholesky_solve(rhs, self.cholesky)
 
-    def eigenvalues(self) -> torch.Tensor:
-        """Ascending eigenvalues of the damped, normalised covariance (used by CorDA++)."""
-        return torch.linalg.eigvalsh(self.matrix)
-
 
 def damp_covariance(
     cov: torch.Tensor,
