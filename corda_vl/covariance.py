@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import atomic_file
 from .errors import CacheError, CordaError
 
 FORMAT_VERSION = 1
@@ -177,7 +177,6 @@ class CovarianceStore:
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors, entries = {}, []
         for i, ((key, source), tensor) in enumerate(self.sums.items()):
             tensor = tensor.detach().contiguous().cpu()
@@ -186,14 +185,8 @@ class CovarianceStore:
                             "crc32": zlib.crc32(_tensor_bytes(tensor))})
         meta = {"format": "corda_vl.covariance", "version": FORMAT_VERSION,
                 "fingerprint": self.fingerprint, "inputs": self.inputs, "entries": entries}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"corda_vl": json.dumps(meta)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"corda_vl": json.dumps(meta)})
         return path
 
     @classmethod

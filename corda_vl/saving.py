@@ -14,44 +14,22 @@ leaves a half-written folder, and an existing non-empty folder is only replaced 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from peft import PeftModel
 
 from .adapters import BuildRecord, _register, build_record
+from .atomic import atomic_dir
 from .errors import CacheError, CordaError
 
 FORMAT = "corda_vl.adapter"
 VERSION = 1
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``out_dir`` only if the block succeeds."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CordaError(f"{out} exists and is not empty; pass overwrite=True or choose another directory.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _residual_state_dict(peft_model: PeftModel) -> dict[str, torch.Tensor]:

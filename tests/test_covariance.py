@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import text_batches, tiny_llama
+from conftest import tiny_llama
 
 from corda_vl import CacheError, CordaError, CovarianceStore, collect_covariances
 from corda_vl.covariance import model_fingerprint

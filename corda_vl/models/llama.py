@@ -9,13 +9,11 @@ package itself is never imported). The first use dequantises it once into a plai
 from __future__ import annotations
 
 import importlib.metadata
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_dir
 from ..errors import CordaError
 from .cache import cache_root
 
@@ -66,14 +64,9 @@ def smollm2_dir() -> Path:
         del config.quantization_config  # dequantised already; save_pretrained refuses otherwise
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(quantised.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{SMOLLM2}.tmp-"))
-    try:
+    with atomic_dir(target) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
