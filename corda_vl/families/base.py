@@ -94,3 +94,11 @@ def tensor_dict(batch: Any, keys: tuple[str, ...] | None = None) -> dict[str, An
     if keys is not None:
         items = {k: v for k, v in items.items() if k in keys}
     return items
+
+
+def text_mask(batch: Mapping[str, Any]) -> torch.Tensor:
+    """Which tokens count: attention_mask (padding excluded), or every token without one."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    return mask.bool()

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import CalibrationError
-from .base import Family, Routes, has_module, register_family, tensor_dict
+from .base import Family, Routes, has_module, register_family, tensor_dict, text_mask
 
 KEYS = ("pixel_values", "input_ids", "attention_mask")
 
@@ -41,8 +41,7 @@ def _route(model, batch: Mapping[str, Any]) -> Routes:
     if "pixel_values" in batch:
         routes["vision"] = {"": None}  # every patch token and the class token
     if "input_ids" in batch:
-        mask = batch.get("attention_mask")
-        routes["text"] = {"": mask.bool() if mask is not None else None}
+        routes["text"] = {"": text_mask(batch)}
     routes["projection"] = {"": None}  # pooled features, one row per example
     return routes
 

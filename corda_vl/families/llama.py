@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import CalibrationError
-from .base import Family, Routes, has_module, register_family, tensor_dict
+from .base import Family, Routes, has_module, register_family, tensor_dict, text_mask
 
 TEXT_KEYS = ("input_ids", "attention_mask")
 
@@ -37,14 +37,6 @@ def prepare_text(model, batch: Any) -> dict[str, Any]:
     if out["input_ids"].dim() == 1:
         out = {k: v.unsqueeze(0) for k, v in out.items()}
     return out
-
-
-def text_mask(batch: Mapping[str, Any]) -> torch.Tensor:
-    """Which tokens count: attention_mask (padding excluded), or every token without one."""
-    mask = batch.get("attention_mask")
-    if mask is None:
-        return torch.ones_like(batch["input_ids"], dtype=torch.bool)
-    return mask.bool()
 
 
 def _route(model, batch: Mapping[str, Any]) -> Routes:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import CalibrationError
-from .base import Family, Routes, has_module, register_family, tensor_dict
+from .base import Family, Routes, has_module, register_family, tensor_dict, text_mask
 
 KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
 
@@ -51,10 +51,8 @@ def _prepare(model, batch: Any) -> dict[str, Any]:
 
 
 def _route(model, batch: Mapping[str, Any]) -> Routes:
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    keep = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-    image = (ids == _image_token_id(model)) & keep
+    keep = text_mask(batch)
+    image = (batch["input_ids"] == _image_token_id(model)) & keep
     tokens = {"image": image, "text": keep & ~image}
     return {"vision": {"": None}, "projector": {"": None}, "language": tokens, "head": tokens}
 
