@@ -111,8 +111,7 @@ class CovarianceStore:
                              f"{sorted(s for k, s in self.sums if k == key)}.")
         return parts
 
-    def sum(self, module: str, source: str | None = None) -> torch.Tensor:
-        parts = self._parts(module, source)
+    def _sum_of(self, parts: list[tuple[str, str]]) -> torch.Tensor:
         if len(parts) == 1:
             return self.sums[parts[0]]
         total = self.sums[parts[0]].clone()
@@ -120,15 +119,19 @@ class CovarianceStore:
             total += self.sums[part]
         return total
 
+    def sum(self, module: str, source: str | None = None) -> torch.Tensor:
+        return self._sum_of(self._parts(module, source))
+
     def count(self, module: str, source: str | None = None) -> int:
         return sum(self.counts[part] for part in self._parts(module, source))
 
     def covariance(self, module: str, source: str | None = None, dtype=torch.float64) -> torch.Tensor:
         """C = (1/n) sum_t x_t x_t^T for the input of ``module``."""
-        n = self.count(module, source)
+        parts = self._parts(module, source)
+        n = sum(self.counts[part] for part in parts)
         if n == 0:
             raise CordaError(f"module {module!r} saw no tokens for source {source!r}; calibrate on data that reaches it.")
-        total = self.sum(module, source)
+        total = self._sum_of(parts)
         return total.to(dtype).div_(n) if total.dtype != dtype else total / n
 
     def nbytes(self) -> int:
