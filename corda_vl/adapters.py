@@ -83,13 +83,18 @@ def _check_untied(model: nn.Module, targets: list[Target]) -> None:
             )
 
 
+def _module_info(t: Target, config: CordaConfig) -> dict[str, Any]:
+    """What every method records per module; decomposing methods add their own fields."""
+    return {"group": t.group, "rank": config.rank_for(t.name, t.group),
+            "alpha": config.alpha_for(t.name, t.group), "shape": [t.d_out, t.d_in]}
+
+
 def lora_config_for(targets: list[Target], config: CordaConfig, task_type: str | None) -> LoraConfig:
     """The stock PEFT LoraConfig matching the per-module ranks/alphas corda_vl decomposes with."""
     alpha = config.alpha if config.alpha is not None else config.r
-    rank_pattern = {re.escape(t.name): config.rank_for(t.name, t.group) for t in targets
-                    if config.rank_for(t.name, t.group) != config.r}
-    alpha_pattern = {re.escape(t.name): config.alpha_for(t.name, t.group) for t in targets
-                     if config.alpha_for(t.name, t.group) != alpha}
+    infos = {t.name: _module_info(t, config) for t in targets}
+    rank_pattern = {re.escape(n): i["rank"] for n, i in infos.items() if i["rank"] != config.r}
+    alpha_pattern = {re.escape(n): i["alpha"] for n, i in infos.items() if i["alpha"] != alpha}
     init: Any = True
     if config.method == "pissa":
         init = "pissa" if config.pissa_niter is None else f"pissa_niter_{config.pissa_niter}"
@@ -124,7 +129,8 @@ def _decompose_all(
                                   normalize=config.covariance_normalization == "mean_diag", dtype=dtype, name=key)
             tokens = store.count(key, source)
         for t in members:
-            r, s = config.rank_for(t.name, t.group), config.scaling_for(t.name, t.group)
+            info[t.name] = _module_info(t, config)
+            r, s = info[t.name]["rank"], config.scaling_for(t.name, t.group)
             mode = config.mode_for(t.group) if config.method == "corda" else "kpm"
             try:
                 A, B, triplets = corda_factors(t.module.weight.detach(), cov, r, mode, s, config.svd, config.lowrank_niter)
@@ -132,10 +138,8 @@ def _decompose_all(
                 raise DecompositionError(f"module {t.name!r}: {exc}") from exc
             keep = torch.float64 if t.module.weight.dtype == torch.float64 else torch.float32
             factors[t.name] = (A.to(keep), B.to(keep))
-            info[t.name] = {"group": t.group, "rank": r, "alpha": config.alpha_for(t.name, t.group), "input": key,
-                            "mode": mode,
-                            "damping": cov.damping, "tokens": tokens, "shape": [t.d_out, t.d_in],
-                            "svd": triplets.path, "context_share": triplets.context_share}
+            info[t.name].update(input=key, mode=mode, damping=cov.damping, tokens=tokens,
+                                svd=triplets.path, context_share=triplets.context_share)
             bar.update(1)
         del cov
     bar.close()
@@ -188,9 +192,7 @@ def build_corda(
     elif config.method == "milora":
         factors, record.modules = _decompose_all(targets, None, config, None, progress)
     else:
-        record.modules = {t.name: {"group": t.group, "rank": config.rank_for(t.name, t.group),
-                                   "alpha": config.alpha_for(t.name, t.group), "shape": [t.d_out, t.d_in]}
-                          for t in targets}
+        record.modules = {t.name: _module_info(t, config) for t in targets}
     lora_config = lora_config_for(targets, config, family.task_type)
     peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
     if factors is not None:
