@@ -32,7 +32,7 @@ class _StopForward(Exception):
 
 
 class _Collector:
-    def __init__(self, targets: list[Target], source: str, dtype: torch.dtype, offload: bool):
+    def __init__(self, targets: list[Target], source: str, dtype: torch.dtype, offload: bool, stop_early: bool):
         self.targets = {t.name: t for t in targets}
         self.source = source
         self.dtype = dtype
@@ -44,7 +44,7 @@ class _Collector:
         self.batch_index = 0
         self._live: dict[int, tuple[weakref.ref, str]] = {}
         self._seen: set[str] = set()
-        self.stop_early = True
+        self.stop_early = stop_early
 
     def start_batch(self, routes: Routes, index: int) -> None:
         self.routes, self.batch_index = routes, index
@@ -149,8 +149,7 @@ def collect_covariances(
     """
     family = family or detect_family(model)
     resolved = resolve_targets(model, family, groups, targets, exclude)
-    collector = _Collector(resolved, source, dtype, offload)
-    collector.stop_early = stop_early
+    collector = _Collector(resolved, source, dtype, offload, stop_early)
     device = _input_device(model)
     handles = [t.module.register_forward_pre_hook(collector.hook(t.name)) for t in resolved]
     was_training = model.training

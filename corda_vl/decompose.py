@@ -214,14 +214,14 @@ def co_svd(
         raise DecompositionError(f"weight has d_in={d_in} but the covariance is {cov.dim}x{cov.dim}.")
     if not 0 < r < min(d_out, d_in):
         raise DecompositionError(f"rank {r} must be in [1, min(d_in, d_out)) = [1, {min(d_out, d_in)}).")
+    if svd == "lowrank" and mode != "ipm":
+        raise DecompositionError("svd='lowrank' returns the largest components; KPM needs svd='full'.")
     if svd == "auto":
         candidate = _float32_candidate(weight, cov, r, mode)
         if candidate is not None:
             return candidate
     product = weight.to(cov.matrix.dtype) @ cov.matrix
     if svd == "lowrank":
-        if mode != "ipm":
-            raise DecompositionError("svd='lowrank' returns the largest components; KPM needs svd='full'.")
         return _randomized_top(product, r, niter)
     U, S, Vh = torch.linalg.svd(product, full_matrices=False)
     keep = _select(S.shape[0], r, mode)
@@ -238,12 +238,9 @@ def split_factors(triplets: CoSVD, cov: DampedCovariance, scaling: float) -> tup
     return A, B
 
 
-def residual_weight(
-    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """``W - s B A`` computed in float64 from the factors *as they will be used*, cast last."""
-    res = weight.double() - scaling * (B.double() @ A.double())
-    return res.to(dtype or weight.dtype)
+def residual_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``W - s B A`` computed in float64 from the factors *as they will be used*, cast to W's dtype last."""
+    return (weight.double() - scaling * (B.double() @ A.double())).to(weight.dtype)
 
 
 def corda_factors(
