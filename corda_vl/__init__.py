@@ -17,7 +17,8 @@ from .errors import (
     TargetError,
     UnknownFamilyError,
 )
-from .plan import Plan, PlanRow, plan
+from .cordapp import compactness
+from .plan import Plan, PlanRow, allocate_ranks, plan
 from .saving import export_lora, load_corda, save_corda
 
 __version__ = "0.1.0"
@@ -34,9 +35,11 @@ __all__ = [
     "PlanRow",
     "TargetError",
     "UnknownFamilyError",
+    "allocate_ranks",
     "build_corda",
     "build_record",
     "collect_covariances",
+    "compactness",
     "export_lora",
     "load_corda",
     "plan",

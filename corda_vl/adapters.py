@@ -21,9 +21,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import CordaConfig
+from .allocation import allocate_layers, analyse_layers
+from .config import DECOMPOSING, CordaConfig
 from .covariance import CovarianceStore
-from .decompose import corda_factors, damp_covariance, identity_covariance, residual_weight
+from .decompose import corda_factors, damp_covariance, factors_from, identity_covariance, residual_weight
 from .errors import CordaError, DecompositionError, TargetError
 from .families import detect_family
 from .families.base import Family
@@ -40,13 +41,16 @@ class BuildRecord:
     config: dict[str, Any]
     source: str | None = None
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    budget: dict[str, int] | None = None
+    """corda++: {"budget": asked, "realised": sum r_l (d_in + d_out)}."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"family": self.family, "config": self.config, "source": self.source, "modules": self.modules}
+        return {"family": self.family, "config": self.config, "source": self.source, "modules": self.modules,
+                "budget": self.budget}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BuildRecord":
-        return cls(data["family"], data["config"], data.get("source"), data.get("modules", {}))
+        return cls(data["family"], data["config"], data.get("source"), data.get("modules", {}), data.get("budget"))
 
 
 def build_record(peft_model: nn.Module) -> BuildRecord | None:
@@ -89,10 +93,12 @@ def _module_info(t: Target, config: CordaConfig) -> dict[str, Any]:
             "alpha": config.alpha_for(t.name, t.group), "shape": [t.d_out, t.d_in]}
 
 
-def lora_config_for(targets: list[Target], config: CordaConfig, task_type: str | None) -> LoraConfig:
-    """The stock PEFT LoraConfig matching the per-module ranks/alphas corda_vl decomposes with."""
+def lora_config_for(targets: list[Target], config: CordaConfig, task_type: str | None,
+                    infos: dict[str, dict[str, Any]] | None = None) -> LoraConfig:
+    """The stock PEFT LoraConfig matching the per-module ranks/alphas corda_vl decomposes with
+    (``infos``: per-module records with "rank" and "alpha"; default: the config's own ranks)."""
     alpha = config.alpha if config.alpha is not None else config.r
-    infos = {t.name: _module_info(t, config) for t in targets}
+    infos = infos or {t.name: _module_info(t, config) for t in targets}
     rank_pattern = {re.escape(n): i["rank"] for n, i in infos.items() if i["rank"] != config.r}
     alpha_pattern = {re.escape(n): i["alpha"] for n, i in infos.items() if i["alpha"] != alpha}
     init: Any = True
@@ -146,6 +152,28 @@ def _decompose_all(
     return factors, info
 
 
+def _decompose_allocated(
+    targets: list[Target], store: CovarianceStore, config: CordaConfig, source: str, progress: bool
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, dict[str, Any]], dict[str, int]]:
+    """corda++ phase 1: choose a covariance per layer, allocate ranks, slice the kept components."""
+    choices = analyse_layers(targets, store, config, source, keep_components=True, progress=progress)
+    ranks, budget = allocate_layers(choices, config)
+    factors, info = {}, {}
+    for name, choice in choices.items():
+        t, r = choice.target, ranks[name]
+        scaling = config.scaling_for(name, t.group)  # alpha / r kept constant: alpha_l = s * r_l
+        parts = choice.components_for(r)
+        A, B = factors_from(parts, scaling)
+        keep = torch.float64 if t.module.weight.dtype == torch.float64 else torch.float32
+        factors[name] = (A.to(keep), B.to(keep))
+        share = float(parts.S.square().sum().sqrt() / choice.singular_values.double().square().sum().sqrt())
+        info[name] = {**_module_info(t, config), "rank": r, "alpha": scaling * r, "nominal_rank": choice.nominal,
+                      "mode": choice.mode, "source": choice.source, "candidates": choice.scores,
+                      "compactness": choice.request().value(r), "context_share": share, **choice.details}
+    realised = sum(i["rank"] * sum(i["shape"]) for i in info.values())
+    return factors, info, {"budget": budget, "realised": realised}
+
+
 @torch.no_grad()
 def _write_factors(peft_model: PeftModel, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], adapter: str) -> None:
     """Phase 2: lora_A/lora_B <- factors, base weight <- W - s B A (computed from the cast factors)."""
@@ -170,30 +198,37 @@ def build_corda(
 ) -> PeftModel:
     """Wrap ``model`` in a PEFT LoRA model initialised by ``config.method``.
 
-    ``corda`` needs ``store`` (from :func:`collect_covariances` on this model); ``lora``, ``pissa``
-    and ``milora`` ignore it. For every method except ``lora`` the base weights become the
+    ``corda`` and ``corda++`` need ``store`` (from :func:`collect_covariances` on this model);
+    ``lora``, ``pissa`` and ``milora`` ignore it. ``corda++`` also chooses each layer's covariance
+    among ``config.candidates`` and its rank under ``config.budget`` (see :func:`allocate_ranks`
+    for the same decisions as a dry run); the ranks go into the PEFT ``rank_pattern``. For every method except ``lora`` the base weights become the
     residual, so the model's outputs are unchanged at init. ``model`` is modified in place, as
     with ``peft.get_peft_model``; it is left untouched if the decomposition fails.
     """
     config = config or CordaConfig()
     family = family or detect_family(model)
     targets = resolve_targets(model, family, config.groups, config.target_modules, config.exclude_modules)
-    _check_ranks(targets, config)
+    if config.method != "corda++":  # corda++ caps each layer's rank itself (CordaConfig.rank_bounds)
+        _check_ranks(targets, config)
     record = BuildRecord(family.name, config.to_dict())
     factors = None
-    if config.method in ("corda", "milora", "pissa"):
+    if config.method != "lora":
         _check_untied(model, targets)
-    if config.method == "corda":
+    if config.method in DECOMPOSING:
         if store is None:
-            raise CordaError("method='corda' needs a CovarianceStore: run corda_vl.collect_covariances first.")
+            raise CordaError(f"method={config.method!r} needs a CovarianceStore: run "
+                             f"corda_vl.collect_covariances first.")
         store.check_model(model, modules=[t.name for t in targets])
         record.source = store.resolve_source(config.source)
+    if config.method == "corda":
         factors, record.modules = _decompose_all(targets, store, config, record.source, progress)
+    elif config.method == "corda++":
+        factors, record.modules, record.budget = _decompose_allocated(targets, store, config, record.source, progress)
     elif config.method == "milora":
         factors, record.modules = _decompose_all(targets, None, config, None, progress)
     else:
         record.modules = {t.name: _module_info(t, config) for t in targets}
-    lora_config = lora_config_for(targets, config, family.task_type)
+    lora_config = lora_config_for(targets, config, family.task_type, record.modules)
     peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
     if factors is not None:
         _write_factors(peft_model, factors, adapter_name)

@@ -46,8 +46,8 @@ class _Collector:
         self._seen: set[str] = set()
         self.stop_early = stop_early
 
-    def start_batch(self, routes: Routes, index: int) -> None:
-        self.routes, self.batch_index = routes, index
+    def start_batch(self, routes: Routes, index: int, source: str) -> None:
+        self.routes, self.batch_index, self.source = routes, index, source
         self._live.clear()
         self._seen.clear()
 
@@ -110,6 +110,21 @@ class _Collector:
         return x.reshape(-1, x.shape[-1])
 
 
+def _split_names(source: str, splits: int):
+    """batch index -> source name: ``source`` itself, or one of N splits dealt block by block."""
+    if splits == 1:
+        return lambda index: source
+    gen = torch.Generator().manual_seed(0)
+    order: list[int] = []
+
+    def deal(index: int) -> str:
+        if index % splits == 0:
+            order[:] = torch.randperm(splits, generator=gen).tolist()
+        return f"{source}/split{order[index % splits]}"
+
+    return deal
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -127,6 +142,7 @@ def collect_covariances(
     targets: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
     source: str = "calib",
+    splits: int = 1,
     dtype: torch.dtype = torch.float32,
     offload: bool = False,
     stop_early: bool = True,
@@ -142,6 +158,10 @@ def collect_covariances(
         groups, targets, exclude: which modules, as in ``CordaConfig`` (groups, target_modules,
             exclude_modules). Calibrate a superset of what you will adapt, never less.
         source: name of this calibration data; several sources can live in one store.
+        splits: N > 1 stores N random splits of the batches as ``source/split0`` ...
+            ``source/split{N-1}`` (each block of N consecutive batches is dealt to the N splits in
+            a seeded random order); ``source`` still answers with all of them. CorDA++ can then
+            choose, per layer, the most compact of the splits and the whole.
         dtype: accumulation dtype (float32 default; float64 for very long calibrations).
         offload: keep the sums on CPU instead of each module's device.
         stop_early: stop each forward once every target has seen its input (skips the LM head).
@@ -149,7 +169,10 @@ def collect_covariances(
     """
     family = family or detect_family(model)
     resolved = resolve_targets(model, family, groups, targets, exclude)
+    if not isinstance(splits, int) or splits < 1:
+        raise CalibrationError(f"splits={splits!r} must be a positive integer.")
     collector = _Collector(resolved, source, dtype, offload, stop_early)
+    deal = _split_names(source, splits)
     device = _input_device(model)
     handles = [t.module.register_forward_pre_hook(collector.hook(t.name)) for t in resolved]
     was_training = model.training
@@ -158,7 +181,7 @@ def collect_covariances(
         total = len(batches) if hasattr(batches, "__len__") else None
         for index, raw in enumerate(tqdm(batches, total=total, desc="calibrating", disable=not progress)):
             batch = _to_device(family.prepare(model, raw), device)
-            collector.start_batch(family.route(model, batch), index)
+            collector.start_batch(family.route(model, batch), index, deal(index))
             try:
                 with torch.no_grad():
                     family.forward(model, batch)

@@ -9,7 +9,9 @@ from peft.utils.other import get_pattern_key
 
 from .errors import CordaError
 
-METHODS = ("corda", "lora", "pissa", "milora")
+METHODS = ("corda", "corda++", "lora", "pissa", "milora")
+DECOMPOSING = ("corda", "corda++")
+"""Methods that decompose W C' with a calibration covariance."""
 MODES = ("kpm", "ipm")
 NORMALIZATIONS = ("mean_diag", "none")
 DEFAULT_DAMPING = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -29,14 +31,15 @@ class CordaConfig:
 
     method: str = _help(
         "Adapter initialisation: 'corda' (covariance-oriented SVD, needs a CovarianceStore), "
-        "'lora' (PEFT's default init), 'pissa' (PEFT's principal-SVD init) or 'milora' "
+        "'corda++' (CorDA with a covariance chosen per layer and ranks allocated per layer under "
+        "one parameter budget, both by the compactness metric), 'lora' (PEFT's default init), 'pissa' (PEFT's principal-SVD init) or 'milora' "
         "(data-free: adapter from the smallest plain-SVD components of W).",
         default="corda",
     )
     mode: str = _help(
         "'kpm' (knowledge-preserved: adapter from the smallest CO-SVD components, calibrate on the "
         "knowledge to keep) or 'ipm' (instruction-previewed: adapter from the largest components, "
-        "calibrate on the task). Used by method='corda' only.",
+        "calibrate on the task). Used by method='corda' and 'corda++' only.",
         default="kpm",
     )
     r: int = _help("Default adapter rank of every targeted module.", default=16)
@@ -82,6 +85,31 @@ class CordaConfig:
         "= the store's only source.",
         default=None,
     )
+    candidates: list[str] | None = _help(
+        "corda++: covariance sources each layer may choose from by compactness (store source "
+        "names; a parent such as 'calib' stands for the sum of its parts). None = `source` and "
+        "every part of it the store holds for the layer (LLaVA language layers: all tokens, image "
+        "tokens, text tokens; collect_covariances(splits=N): N random splits).",
+        default=None,
+    )
+    budget: int | None = _help(
+        "corda++: trainable-parameter budget shared by all targeted layers of all groups, "
+        "sum_l r_l * (d_in + d_out). None = the budget of the ranks the other fields give "
+        "(uniform r, group_ranks, rank_pattern).",
+        default=None,
+    )
+    rank_min: int | dict[str, int] | None = _help(
+        "corda++: smallest rank a layer can get (an int, or {group: int}). None = a quarter of "
+        "the layer's nominal rank (at least 1).",
+        default=None,
+    )
+    rank_max: int | dict[str, int] | None = _help(
+        "corda++: largest rank a layer can get (an int, or {group: int}); capped at "
+        "min(d_in, d_out) - 1. None = four times the layer's nominal rank. The build keeps this "
+        "many components per layer until the allocation is done, so it bounds the extra memory.",
+        default=None,
+    )
+    rank_step: int = _help("corda++: rank granted per step of the greedy allocation.", default=1)
     damping: tuple[float, ...] = _help(
         "Damping schedule: C' = C + lam * mean(diag C) * I with the smallest lam for which a "
         "float64 Cholesky factorisation succeeds.",
@@ -131,6 +159,20 @@ class CordaConfig:
             raise CordaError(f"decompose_dtype={self.decompose_dtype!r}: use 'float64' or 'float32'.")
         if self.svd not in ("auto", "full", "lowrank"):
             raise CordaError(f"svd={self.svd!r}: use 'auto', 'full' or 'lowrank'.")
+        if self.svd == "lowrank" and self.method == "corda++":
+            raise CordaError("method='corda++' scores layers with every singular value, which svd='lowrank' "
+                             "does not compute. Use svd='auto' or 'full'.")
+        if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
+            raise CordaError(f"budget={self.budget!r} must be a positive number of trainable parameters.")
+        if not isinstance(self.rank_step, int) or self.rank_step < 1:
+            raise CordaError(f"rank_step={self.rank_step!r} must be a positive integer.")
+        for name in ("rank_min", "rank_max"):
+            value = getattr(self, name)
+            values = value.values() if isinstance(value, dict) else [] if value is None else [value]
+            if any(not isinstance(v, int) or v < 1 for v in values):
+                raise CordaError(f"{name}={value!r} must be a positive int, a {{group: int}} dict, or None.")
+        if self.candidates is not None and not self.candidates:
+            raise CordaError("candidates=[] leaves nothing to choose from; use None for every available source.")
         if self.svd == "lowrank" and self.method == "corda" and self.mode == "kpm":
             raise CordaError(
                 "svd='lowrank' finds the largest components only; KPM needs the smallest. "
@@ -164,6 +206,18 @@ class CordaConfig:
     def scaling_for(self, module_name: str, group: str | None = None) -> float:
         """LoRA scaling s = alpha / r of one module."""
         return self.alpha_for(module_name, group) / self.rank_for(module_name, group)
+
+    def rank_bounds(self, module_name: str, group: str | None, limit: int) -> tuple[int, int]:
+        """corda++: (floor, cap) of one module's rank; ``limit`` = min(d_in, d_out)."""
+        nominal = self.rank_for(module_name, group)
+
+        def pick(value: int | dict[str, int] | None, default: int) -> int:
+            if isinstance(value, dict):
+                return value.get(group, default)
+            return default if value is None else value
+
+        high = min(pick(self.rank_max, 4 * nominal), limit - 1)
+        return min(pick(self.rank_min, max(1, nominal // 4)), high), high
 
     def mode_for(self, group: str | None = None) -> str:
         return self.group_modes.get(group, self.mode)

@@ -53,6 +53,12 @@ def model_fingerprint(model: nn.Module, module_names: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _with_parents(source: str) -> list[str]:
+    """'calib/0/image' -> ['calib', 'calib/0', 'calib/0/image']."""
+    parts = source.split(DERIVED_SEPARATOR)
+    return [DERIVED_SEPARATOR.join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
 @dataclass
 class CovarianceStore:
     """Covariance sums of linear-layer inputs keyed by (input key, source)."""
@@ -70,11 +76,12 @@ class CovarianceStore:
     @property
     def sources(self) -> list[str]:
         """Every source name a query accepts: stored ones and the parents of split ones."""
-        names = set()
-        for _, source in self.sums:
-            parts = source.split(DERIVED_SEPARATOR)
-            names.update(DERIVED_SEPARATOR.join(parts[:i]) for i in range(1, len(parts) + 1))
-        return sorted(names)
+        return sorted({name for _, source in self.sums for name in _with_parents(source)})
+
+    def sources_for(self, module: str) -> list[str]:
+        """The sources that hold data for ``module``'s input, parents of split sources included."""
+        key = self.input_key(module)
+        return sorted({name for k, source in self.sums if k == key for name in _with_parents(source)})
 
     def input_key(self, module: str) -> str:
         try:

@@ -1,17 +1,24 @@
-"""The dry run: what ``build_corda`` would adapt, before anything is computed."""
+"""The dry run: what ``build_corda`` would adapt, with which rank and which covariance.
+
+``plan`` is cheap (no forward pass, no decomposition). For ``corda++`` the ranks and covariances
+are decided by the decomposition itself, so :func:`allocate_ranks` runs that analysis (the same
+code ``build_corda`` runs) and returns the plan it leads to.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from .config import CordaConfig
+from .allocation import allocate_layers, analyse_layers
+from .config import DECOMPOSING, CordaConfig
 from .covariance import CovarianceStore
+from .errors import CordaError
 from .families import detect_family
 from .families.base import Family
-from .targets import resolve_targets
+from .targets import Target, resolve_targets
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,10 @@ class PlanRow:
     """Which calibration data the module's covariance comes from (and, with a store, its key)."""
     trainable: int
     """Adapter parameters: rank * (d_in + d_out)."""
+    source: str | None = None
+    """The store source the covariance is taken from (corda++: the one selected)."""
+    score: float | None = None
+    """corda++: compactness of the layer at its allocated rank (see corda_vl.cordapp)."""
 
 
 @dataclass
@@ -33,6 +44,9 @@ class Plan:
     method: str
     mode: str
     rows: list[PlanRow]
+    budget: int | None = None
+    """corda++: the trainable-parameter budget the ranks were allocated under."""
+    notes: list[str] = field(default_factory=list)
 
     @property
     def modules(self) -> list[str]:
@@ -42,50 +56,112 @@ class Plan:
     def trainable(self) -> int:
         return sum(row.trainable for row in self.rows)
 
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {row.module: row.rank for row in self.rows}
+
+    @property
+    def sources(self) -> dict[str, str | None]:
+        return {row.module: row.source for row in self.rows}
+
     def group_totals(self) -> dict[str, dict[str, int]]:
-        totals: dict[str, dict[str, int]] = defaultdict(lambda: {"modules": 0, "trainable": 0})
+        totals: dict[str, dict[str, int]] = defaultdict(lambda: {"modules": 0, "trainable": 0, "rank": 0})
         for row in self.rows:
             totals[row.group]["modules"] += 1
             totals[row.group]["trainable"] += row.trainable
+            totals[row.group]["rank"] += row.rank
         return dict(totals)
 
     def to_dicts(self) -> list[dict]:
         return [asdict(row) for row in self.rows]
 
+    def plot(self, path) -> None:
+        """PNG of rank per layer, coloured by group (see corda_vl.plots.plot_ranks)."""
+        from .plots import plot_ranks
+
+        plot_ranks(self, path)
+
     def __str__(self) -> str:
-        mode = f" {self.mode.upper()}" if self.method == "corda" else ""
-        lines = [f"{self.method}{mode}: {len(self.rows)} modules, {self.trainable:,} trainable parameters",
-                 f"{'group':<11}{'module':<52}{'shape':>11}{'rank':>6}{'params':>10}  covariance"]
+        mode = f" {self.mode.upper()}" if self.method in DECOMPOSING else ""
+        lines = [f"{self.method}{mode}: {len(self.rows)} modules, {self.trainable:,} trainable parameters"]
+        if self.budget is not None:
+            lines[0] += f" (budget {self.budget:,}, realised {self.trainable / self.budget:.4f}x)"
+        score = any(row.score is not None for row in self.rows)
+        lines.append(f"{'group':<11}{'module':<52}{'shape':>11}{'rank':>6}{'params':>10}"
+                     + (f"{'score':>9}" if score else "") + "  covariance")
         for row in self.rows:
             shape = f"{row.shape[0]}x{row.shape[1]}"
-            lines.append(f"{row.group:<11}{row.module:<52}{shape:>11}{row.rank:>6}{row.trainable:>10,}  {row.covariance}")
+            cell = f"{row.score:>9.4f}" if score and row.score is not None else " " * (9 if score else 0)
+            lines.append(f"{row.group:<11}{row.module:<52}{shape:>11}{row.rank:>6}{row.trainable:>10,}{cell}"
+                         f"  {row.covariance}")
         for group, total in self.group_totals().items():
-            lines.append(f"{'total':<11}{group + ' (' + str(total['modules']) + ' modules)':<52}{'':>17}"
-                         f"{total['trainable']:>10,}")
-        return "\n".join(lines)
+            label = f"{group} ({total['modules']} modules, mean rank {total['rank'] / total['modules']:.1f})"
+            lines.append(f"{'total':<11}{label:<52}{'':>17}{total['trainable']:>10,}")
+        return "\n".join(lines + self.notes)
+
+
+def _row(t: Target, rank: int, alpha: float, covariance: str, source: str | None = None,
+         score: float | None = None) -> PlanRow:
+    return PlanRow(t.group, t.name, (t.d_out, t.d_in), rank, alpha, covariance, rank * (t.d_in + t.d_out),
+                   source, score)
+
+
+def _describe(family: Family, t: Target, store: CovarianceStore | None, source: str | None) -> str:
+    cov = family.describe(t.name, t.group)
+    if source is not None and store is not None and t.name in store.inputs:
+        cov += f" [{source}, input {store.inputs[t.name]}, {store.count(t.name, source)} tokens]"
+    return cov
 
 
 def plan(model: nn.Module, config: CordaConfig | None = None, store: CovarianceStore | None = None,
          *, family: Family | None = None) -> Plan:
     """List the modules ``build_corda(model, store, config)`` would adapt, with their ranks and
-    covariance sources. Cheap: no forward pass, no decomposition."""
+    covariance sources. Cheap: no forward pass, no decomposition; for ``corda++`` with a store it
+    is :func:`allocate_ranks` (which decomposes)."""
     config = config or CordaConfig()
     family = family or detect_family(model)
+    if config.method == "corda++" and store is not None:
+        return allocate_ranks(model, store, config, family=family, progress=False)
     targets = resolve_targets(model, family, config.groups, config.target_modules, config.exclude_modules)
-    source = store.resolve_source(config.source) if store is not None and config.method == "corda" else None
+    source = store.resolve_source(config.source) if store is not None and config.method in DECOMPOSING else None
     rows = []
     for t in targets:
-        rank = config.rank_for(t.name, t.group)
         if config.method in ("lora", "pissa"):
             cov = "none (data-free)"
         elif config.method == "milora":
             cov = "identity (data-free)"
         else:
-            cov = family.describe(t.name, t.group)
-            if source is not None and t.name in store.inputs:
-                cov += f" [{source}, input {store.inputs[t.name]}, {store.count(t.name, source)} tokens]"
-        if config.method == "corda" and config.group_modes:
+            cov = _describe(family, t, store, source)
+        if config.method == "corda++":
+            cov = f"chosen per layer at build (nominal rank): {cov}"
+        if config.method in DECOMPOSING and config.group_modes:
             cov = f"{config.mode_for(t.group)}: {cov}"
-        rows.append(PlanRow(t.group, t.name, (t.d_out, t.d_in), rank, config.alpha_for(t.name, t.group), cov,
-                            rank * (t.d_in + t.d_out)))
+        rows.append(_row(t, config.rank_for(t.name, t.group), config.alpha_for(t.name, t.group), cov, source))
     return Plan(config.method, config.mode, rows)
+
+
+def allocate_ranks(model: nn.Module, store: CovarianceStore, config: CordaConfig | None = None, *,
+                   family: Family | None = None, progress: bool = True) -> Plan:
+    """CorDA++ decisions without building anything: per layer, the covariance with the best
+    compactness among the candidates and the rank the budget allocation gives it.
+
+    Runs the same analysis as ``build_corda`` with ``method='corda++'`` (one CO-SVD per layer and
+    candidate), so the plan equals what the build will do. ``model`` is not modified.
+    """
+    config = config or CordaConfig(method="corda++")
+    if config.method != "corda++":
+        raise CordaError(f"allocate_ranks is CorDA++'s allocation; got method={config.method!r}. "
+                         f"Use CordaConfig(method='corda++', ...).")
+    family = family or detect_family(model)
+    targets = resolve_targets(model, family, config.groups, config.target_modules, config.exclude_modules)
+    store.check_model(model, modules=[t.name for t in targets])
+    base = store.resolve_source(config.source)
+    choices = analyse_layers(targets, store, config, base, keep_components=False, progress=progress)
+    ranks, budget = allocate_layers(choices, config)
+    rows = []
+    for t in targets:
+        c, r = choices[t.name], ranks[t.name]
+        scores = ", ".join(f"{s} {v:.4f}" for s, v in c.scores.items()) if len(c.scores) > 1 else ""
+        cov = f"{c.mode}: {_describe(family, t, store, c.source)}" + (f" (of {scores})" if scores else "")
+        rows.append(_row(t, r, config.scaling_for(t.name, t.group) * r, cov, c.source, c.request().value(r)))
+    return Plan(config.method, config.mode, rows, budget)

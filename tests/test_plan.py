@@ -16,7 +16,7 @@ def test_plan_matches_the_llama_adapter(llama, batches):
     assert sorted(adapted) == sorted(rows)
     assert all(adapted[n].r["default"] == rows[n].rank for n in rows)
     assert dry.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert dry.group_totals() == {"language": {"modules": 12, "trainable": dry.trainable}}
+    assert dry.group_totals() == {"language": {"modules": 12, "trainable": dry.trainable, "rank": sum(r.rank for r in dry.rows)}}
 
 
 def test_plan_for_data_free_methods(llama):

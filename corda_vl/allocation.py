@@ -1,0 +1,125 @@
+"""CorDA++ orchestration: score each layer's candidate covariances, keep the most compact one,
+and allocate ranks under one parameter budget. The maths is in cordapp.py; this file walks the
+targets and the store, and keeps what the build needs in dicts keyed by module name.
+
+Cost: one CO-SVD per (layer, candidate), each computing every singular value (the metric needs
+them) and keeping the ``rank_max`` components the allocation may hand out; the chosen ones become
+the factors, so nothing is decomposed twice. The condition number of each damped covariance comes
+from :func:`eigen_range` (subspace iteration), not an eigendecomposition.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import CordaConfig
+from .cordapp import RankRequest, allocate, compactness, context_profile, select_best
+from .covariance import CovarianceStore
+from .decompose import Components, co_svd, components, damp_covariance, eigen_range
+from .errors import CordaError, DecompositionError
+from .targets import Target
+
+
+@dataclass
+class LayerChoice:
+    """What the analysis decided for one layer (before its rank is allocated)."""
+
+    target: Target
+    mode: str
+    nominal: int
+    low: int
+    high: int
+    source: str
+    scores: dict[str, float] = field(default_factory=dict)
+    """Compactness at the nominal rank, per candidate source (the chosen one is the highest)."""
+    profile: tuple[float, ...] = ()
+    singular_values: torch.Tensor | None = None
+    parts: Components | None = None
+    """The ``high`` components the rank is sliced from (KPM: smallest, IPM: largest)."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """damping, tokens, input key, svd path of the chosen covariance."""
+
+    def request(self) -> RankRequest:
+        t = self.target
+        return RankRequest(t.name, self.mode, t.d_in + t.d_out, self.nominal, self.low, self.high, self.profile)
+
+    def components_for(self, r: int) -> Components:
+        """The r components of the adapter: the last r kept (KPM tail) or the first r (IPM head)."""
+        keep = slice(self.high - r, self.high) if self.mode == "kpm" else slice(0, r)
+        return self.parts.take(keep)
+
+
+def candidate_sources(store: CovarianceStore, module: str, base: str, wanted: list[str] | None) -> list[str]:
+    """Sources ``module`` may choose from: ``base`` first, then its parts (or the ``wanted`` list)."""
+    have = store.sources_for(module)
+    if wanted is None:
+        options = [base] + [s for s in have if s.startswith(base + "/")]
+    else:
+        options = list(wanted)
+    options = [s for s in options if s in have]
+    if not options:
+        raise CordaError(f"module {module!r} has none of the candidate covariances {wanted or [base]}; "
+                         f"the store has {have} for it.")
+    return options
+
+
+def analyse_layers(
+    targets: list[Target], store: CovarianceStore, config: CordaConfig, base: str,
+    keep_components: bool = True, progress: bool = True,
+) -> dict[str, LayerChoice]:
+    """Score every candidate covariance of every target and keep the best per layer."""
+    dtype = getattr(torch, config.decompose_dtype)
+    by_input: dict[str, list[Target]] = defaultdict(list)
+    for t in targets:
+        by_input[store.input_key(t.name)].append(t)
+    choices: dict[str, LayerChoice] = {}
+    bar = tqdm(total=len(targets), desc="decomposing (corda++)", disable=not progress)
+    for key, members in by_input.items():
+        device = members[0].module.weight.device
+        for source in candidate_sources(store, key, base, config.candidates):
+            cov = damp_covariance(store.covariance(key, source, dtype).to(device), config.damping,
+                                  normalize=config.covariance_normalization == "mean_diag", dtype=dtype,
+                                  name=f"{key} [{source}]")
+            spectrum = eigen_range(cov)
+            for t in members:
+                choice = choices.get(t.name) or _new_choice(t, config, source)
+                choices[t.name] = choice
+                try:
+                    triplets = co_svd(t.module.weight.detach(), cov, choice.high, choice.mode, config.svd,
+                                      config.lowrank_niter)
+                except (DecompositionError, torch.linalg.LinAlgError) as exc:
+                    raise DecompositionError(f"module {t.name!r} [{source}]: {exc}") from exc
+                score = compactness(triplets.singular_values, spectrum, choice.nominal, choice.mode)
+                choice.scores[source] = score
+                if select_best(choice.scores) == source:
+                    choice.source = source
+                    choice.profile = tuple(context_profile(triplets.singular_values, spectrum).tolist())
+                    choice.singular_values = triplets.singular_values
+                    choice.parts = components(triplets, cov) if keep_components else None
+                    choice.details = {"input": key, "damping": cov.damping, "tokens": store.count(key, source),
+                                      "svd": triplets.path, "condition": spectrum[1] / spectrum[0]}
+            del cov
+        bar.update(len(members))
+    bar.close()
+    return choices
+
+
+def _new_choice(t: Target, config: CordaConfig, source: str) -> LayerChoice:
+    low, high = config.rank_bounds(t.name, t.group, min(t.d_in, t.d_out))
+    return LayerChoice(t, config.mode_for(t.group), config.rank_for(t.name, t.group), low, high, source)
+
+
+def nominal_budget(choices: dict[str, LayerChoice]) -> int:
+    """Trainable parameters of the nominal ranks (uniform r, group_ranks, rank_pattern)."""
+    return sum(c.nominal * (c.target.d_in + c.target.d_out) for c in choices.values())
+
+
+def allocate_layers(choices: dict[str, LayerChoice], config: CordaConfig) -> tuple[dict[str, int], int]:
+    """(rank per layer, budget) by the greedy compactness allocation."""
+    budget = config.budget if config.budget is not None else nominal_budget(choices)
+    return allocate([c.request() for c in choices.values()], budget, config.rank_step), budget
