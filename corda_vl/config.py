@@ -105,7 +105,7 @@ class CordaConfig:
     )
     rank_max: int | dict[str, int] | None = _help(
         "corda++: largest rank a layer can get (an int, or {group: int}); capped at "
-        "min(d_in, d_out) - 1. None = four times the layer's nominal rank. The build keeps this "
+        "min(d_in, d_out) - 1. None = twice the layer's nominal rank. The build keeps this "
         "many components per layer until the allocation is done, so it bounds the extra memory.",
         default=None,
     )
@@ -216,7 +216,7 @@ class CordaConfig:
                 return value.get(group, default)
             return default if value is None else value
 
-        high = min(pick(self.rank_max, 4 * nominal), limit - 1)
+        high = min(pick(self.rank_max, 2 * nominal), limit - 1)
         return min(pick(self.rank_min, max(1, nominal // 4)), high), high
 
     def mode_for(self, group: str | None = None) -> str:

@@ -47,7 +47,7 @@ def test_unchanged_at_init_within_budget_and_bounds(llama, split_store, mode):
     assert record.budget["budget"] == sum(4 * sum(i["shape"]) for i in record.modules.values())
     assert record.budget["budget"] <= record.budget["realised"] < record.budget["budget"] + widest
     for name, info in record.modules.items():
-        assert 1 <= info["rank"] <= min(16, min(info["shape"]) - 1)
+        assert 1 <= info["rank"] <= min(8, min(info["shape"]) - 1)
         layer = peft_model.get_base_model().get_submodule(name)
         assert layer.scaling["default"] == pytest.approx(2.0)  # alpha / r constant: alpha_pattern follows rank
         assert info["source"] in ("calib", "calib/split0", "calib/split1", "calib/split2")

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from corda_vl import CordaConfig, build_corda, collect_covariances
+from corda_vl import CordaConfig, build_corda, build_record, collect_covariances
 from corda_vl.data import country_fact_texts, padded_batches
 from corda_vl.models import load_llama, smollm2_available
 
@@ -16,8 +16,8 @@ def smollm2():
     return load_llama()
 
 
-@pytest.mark.parametrize("mode", ["kpm", "ipm"])
-def test_smollm2_outputs_unchanged_at_init(smollm2, mode):
+@pytest.mark.parametrize("method,mode", [("corda", "kpm"), ("corda", "ipm"), ("corda++", "kpm")])
+def test_smollm2_outputs_unchanged_at_init(smollm2, method, mode):
     _, tok = smollm2
     model, _ = load_llama()  # a fresh copy: build_corda rewrites base weights
     batches = padded_batches(tok, country_fact_texts()[:48], batch_size=16)
@@ -25,9 +25,13 @@ def test_smollm2_outputs_unchanged_at_init(smollm2, mode):
     probe = padded_batches(tok, country_fact_texts()[100:104], batch_size=4)[0]
     with torch.no_grad():
         ref = model(**probe).logits
-    peft_model = build_corda(model, store, CordaConfig(r=16, mode=mode), progress=False)
+    peft_model = build_corda(model, store, CordaConfig(method=method, r=16, mode=mode), progress=False)
     with torch.no_grad():
         out = peft_model(**probe).logits
     mask = probe["attention_mask"].bool()
     assert (out - ref)[mask].abs().max() < 1e-3 * ref.abs().max()
     assert peft_model.get_base_model().model.layers[29].mlp.down_proj.lora_B["default"].weight.abs().sum() > 0
+    if method == "corda++":  # the real model's allocation stays in budget and really varies the ranks
+        record = build_record(peft_model)
+        assert record.budget["budget"] <= record.budget["realised"] < record.budget["budget"] + 1536 + 576
+        assert len({i["rank"] for i in record.modules.values()}) > 3
