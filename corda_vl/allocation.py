@@ -5,11 +5,12 @@ targets and the store, and keeps what the build needs in dicts keyed by module n
 Cost: one CO-SVD per (layer, candidate), each computing every singular value (the metric needs
 them) and keeping the ``rank_max`` components the allocation may hand out; the chosen ones become
 the factors, so nothing is decomposed twice. The condition number of each damped covariance comes
-from :func:`eigen_range` (subspace iteration), not an eigendecomposition.
+from :func:`eigen_range` (Lanczos), not an eigendecomposition.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import CordaConfig
-from .cordapp import RankRequest, allocate, compactness, context_profile, select_best
+from .cordapp import RankRequest, allocate, rank_scores, select_best
 from .covariance import CovarianceStore
 from .decompose import Components, co_svd, components, damp_covariance, eigen_range
 from .errors import CordaError, DecompositionError
@@ -37,7 +38,7 @@ class LayerChoice:
     source: str
     scores: dict[str, float] = field(default_factory=dict)
     """Compactness at the nominal rank, per candidate source (the chosen one is the highest)."""
-    profile: tuple[float, ...] = ()
+    rank_scores: tuple[float, ...] = ()
     singular_values: torch.Tensor | None = None
     parts: Components | None = None
     """The ``high`` components the rank is sliced from (KPM: smallest, IPM: largest)."""
@@ -46,7 +47,7 @@ class LayerChoice:
 
     def request(self) -> RankRequest:
         t = self.target
-        return RankRequest(t.name, self.mode, t.d_in + t.d_out, self.nominal, self.low, self.high, self.profile)
+        return RankRequest(t.name, self.mode, t.d_in + t.d_out, self.nominal, self.low, self.high, self.rank_scores)
 
     def components_for(self, r: int) -> Components:
         """The r components of the adapter: the last r kept (KPM tail) or the first r (IPM head)."""
@@ -94,11 +95,11 @@ def analyse_layers(
                                       config.lowrank_niter)
                 except (DecompositionError, torch.linalg.LinAlgError) as exc:
                     raise DecompositionError(f"module {t.name!r} [{source}]: {exc}") from exc
-                score = compactness(triplets.singular_values, spectrum, choice.nominal, choice.mode)
-                choice.scores[source] = score
+                scores = rank_scores(triplets.singular_values, spectrum, choice.mode)
+                choice.scores[source] = float(scores[min(choice.nominal, choice.high)])
                 if select_best(choice.scores) == source:
                     choice.source = source
-                    choice.profile = tuple(context_profile(triplets.singular_values, spectrum).tolist())
+                    choice.rank_scores = tuple(scores.tolist())
                     choice.singular_values = triplets.singular_values
                     choice.parts = components(triplets, cov) if keep_components else None
                     choice.details = {"input": key, "damping": cov.damping, "tokens": store.count(key, source),
@@ -106,7 +107,24 @@ def analyse_layers(
             del cov
         bar.update(len(members))
     bar.close()
+    _check_bounds(choices, config)
     return choices
+
+
+def _check_bounds(choices: dict[str, LayerChoice], config: CordaConfig) -> None:
+    """Warn about settings that would be silently ignored; keep dead layers at their floor."""
+    groups = {c.target.group for c in choices.values()}
+    for name in ("rank_min", "rank_max"):
+        value = getattr(config, name)
+        unknown = sorted(set(value) - groups) if isinstance(value, dict) else []
+        if unknown:
+            warnings.warn(f"{name} names groups {unknown} that have no adapted layer (groups: {sorted(groups)}).",
+                          stacklevel=3)
+    for name, c in choices.items():
+        if float(c.singular_values.abs().max()) == 0 and c.high > c.low:
+            warnings.warn(f"{name}: W C' = 0 (a zero weight or zero inputs), so its adapter factors are zero and "
+                          f"cannot train; it keeps its floor rank {c.low}. Exclude it from the targets.", stacklevel=3)
+            c.high = c.low
 
 
 def _new_choice(t: Target, config: CordaConfig, source: str) -> LayerChoice:
@@ -122,4 +140,9 @@ def nominal_budget(choices: dict[str, LayerChoice]) -> int:
 def allocate_layers(choices: dict[str, LayerChoice], config: CordaConfig) -> tuple[dict[str, int], int]:
     """(rank per layer, budget) by the greedy compactness allocation."""
     budget = config.budget if config.budget is not None else nominal_budget(choices)
-    return allocate([c.request() for c in choices.values()], budget, config.rank_step), budget
+    ranks = allocate([c.request() for c in choices.values()], budget, config.rank_step)
+    realised = sum(r * (choices[n].target.d_in + choices[n].target.d_out) for n, r in ranks.items())
+    if realised < budget:
+        warnings.warn(f"the rank caps allow only {realised:,} of the {budget:,} trainable parameters asked for; "
+                      f"raise rank_max to use the whole budget.", stacklevel=3)
+    return ranks, budget

@@ -35,6 +35,7 @@ class _Collector:
     def __init__(self, targets: list[Target], source: str, dtype: torch.dtype, offload: bool, stop_early: bool):
         self.targets = {t.name: t for t in targets}
         self.source = source
+        self.split: str | None = None
         self.dtype = dtype
         self.offload = offload
         self.inputs: dict[str, str] = {}
@@ -46,8 +47,8 @@ class _Collector:
         self._seen: set[str] = set()
         self.stop_early = stop_early
 
-    def start_batch(self, routes: Routes, index: int, source: str) -> None:
-        self.routes, self.batch_index, self.source = routes, index, source
+    def start_batch(self, routes: Routes, index: int, split: str | None) -> None:
+        self.routes, self.batch_index, self.split = routes, index, split
         self._live.clear()
         self._seen.clear()
 
@@ -84,7 +85,8 @@ class _Collector:
             rows = self._rows(name, x, mask)
             if rows.shape[0] == 0:  # e.g. no image tokens in a text-only batch
                 continue
-            key = (name, f"{self.source}/{suffix}" if suffix else self.source)
+            # modality parts first, splits below them: calib/image/split0 keeps calib/image whole
+            key = (name, "/".join(p for p in (self.source, suffix, self.split) if p))
             if key not in self.sums:
                 self.sums[key] = GramSum(rows.shape[1], self.dtype, "cpu" if self.offload else rows.device)
                 self.counts[key] = 0
@@ -110,17 +112,17 @@ class _Collector:
         return x.reshape(-1, x.shape[-1])
 
 
-def _split_names(source: str, splits: int):
-    """batch index -> source name: ``source`` itself, or one of N splits dealt block by block."""
+def _split_names(splits: int):
+    """batch index -> split name (None without splits), dealt block by block in seeded order."""
     if splits == 1:
-        return lambda index: source
+        return lambda index: None
     gen = torch.Generator().manual_seed(0)
     order: list[int] = []
 
     def deal(index: int) -> str:
         if index % splits == 0:
             order[:] = torch.randperm(splits, generator=gen).tolist()
-        return f"{source}/split{order[index % splits]}"
+        return f"split{order[index % splits]}"
 
     return deal
 
@@ -160,8 +162,9 @@ def collect_covariances(
         source: name of this calibration data; several sources can live in one store.
         splits: N > 1 stores N random splits of the batches as ``source/split0`` ...
             ``source/split{N-1}`` (each block of N consecutive batches is dealt to the N splits in
-            a seeded random order); ``source`` still answers with all of them. CorDA++ can then
-            choose, per layer, the most compact of the splits and the whole.
+            a seeded random order); ``source`` still answers with all of them. Modality parts
+            stay whole above the splits (LLaVA: ``source/image/split0``, ``source/image``).
+            CorDA++ can then choose, per layer, the most compact of the splits and the wholes.
         dtype: accumulation dtype (float32 default; float64 for very long calibrations).
         offload: keep the sums on CPU instead of each module's device.
         stop_early: stop each forward once every target has seen its input (skips the LM head).
@@ -172,7 +175,7 @@ def collect_covariances(
     if not isinstance(splits, int) or splits < 1:
         raise CalibrationError(f"splits={splits!r} must be a positive integer.")
     collector = _Collector(resolved, source, dtype, offload, stop_early)
-    deal = _split_names(source, splits)
+    deal = _split_names(splits)
     device = _input_device(model)
     handles = [t.module.register_forward_pre_hook(collector.hook(t.name)) for t in resolved]
     was_training = model.training

@@ -171,6 +171,13 @@ class CordaConfig:
             values = value.values() if isinstance(value, dict) else [] if value is None else [value]
             if any(not isinstance(v, int) or v < 1 for v in values):
                 raise CordaError(f"{name}={value!r} must be a positive int, a {{group: int}} dict, or None.")
+        low, high = self.rank_min, self.rank_max
+        for group in set(low if isinstance(low, dict) else {}) | set(high if isinstance(high, dict) else {}) | {None}:
+            lo = low.get(group) if isinstance(low, dict) else low
+            hi = high.get(group) if isinstance(high, dict) else high
+            if lo is not None and hi is not None and lo > hi:
+                where = f" for group {group!r}" if group else ""
+                raise CordaError(f"rank_min {lo} is above rank_max {hi}{where}.")
         if self.candidates is not None and not self.candidates:
             raise CordaError("candidates=[] leaves nothing to choose from; use None for every available source.")
         if self.svd == "lowrank" and self.method == "corda" and self.mode == "kpm":

@@ -2,32 +2,35 @@
 
 No hooks, no PEFT, no modules: numbers in, numbers out (the orchestration is in allocation.py).
 
-Compactness: how much of a layer's calibration context is guaranteed to sit in its principal
-components. Write the calibration inputs as ``X`` (d_in x n, ``X X^T = n C``) and the CO-SVD
+Compactness: how much of a layer's calibration context is guaranteed to be where the mode wants
+it. Write the calibration inputs as ``X`` (d_in x n, ``X X^T = n C``) and the CO-SVD
 ``W C = U S V^T``. Since ``W = U S V^T C^{-1}``, component i maps the data to
-``s_i u_i v_i^T C^{-1} X``, whose norm is ``s_i sqrt(n v_i^T C^{-1} v_i)``; with unit ``v_i`` that
-lies in ``[s_i / sqrt(lam_max), s_i / sqrt(lam_min)] * sqrt(n)``. So, of the summed component
-outputs, the top k components carry at least
+``s_i u_i v_i^T C^{-1} X``, whose norm is ``s_i sqrt(n v_i^T C^{-1} v_i)``; with unit ``v_i`` it
+lies in ``[s_i / sqrt(lam_max), s_i / sqrt(lam_min)] * sqrt(n)``. The layer's context (the summed
+component outputs) therefore lies in ``[S / sqrt(lam_max), S / sqrt(lam_min)] * sqrt(n)`` with
+``S = s_1 + ... + s_m``, and component i's share of it is bounded by
 
-    T(k) = P_k / (P_k + sqrt(kappa) * (P_m - P_k)),   P_k = s_1 + ... + s_k,  kappa = lam_max / lam_min
+    lower:  s_i / (sqrt(kappa) * S)        upper:  sqrt(kappa) * s_i / S        (kappa = lam_max / lam_min)
 
-(their norms at their smallest, the rest at their largest). ``T`` depends on the singular values
-of W C' and the extreme eigenvalues of the damped C' only; it is dimensionless, unchanged when W
-or C is multiplied by a constant (all s_i scale together, kappa does not change), and so comparable
-across vision, projector and language layers. It equals 1 / (1 + rho) with DESIGN.md's worst-case
-ratio rho = (tail sum / head sum) * sqrt(kappa), but stays in [0, 1], so shares of different
-layers can be added up by the rank allocation.
+Both bounds add up over components. The score of a layer adapted at rank r:
 
-One function drives both modes; what differs is which components the adapter gets:
+* KPM (the adapter takes the r smallest components, calibration = knowledge to keep):
+  ``1 - sqrt(kappa) * (sum of the r smallest s_i) / S``, a lower bound on the share of the
+  context that stays in the frozen components;
+* IPM (the adapter takes the r largest, calibration = the task):
+  ``(sum of the r largest s_i) / (sqrt(kappa) * S)``, a lower bound on the share in the adapter.
 
-* KPM trains the r smallest components and freezes the top k = m - r: the score is T(m - r),
-  the context guaranteed to stay frozen (higher = less knowledge exposed to training);
-* IPM trains the top k = r: the score is T(r), the context guaranteed to be in the adapter
-  (higher = the adapter holds more of the task).
-
-Allocation maximises the sum of the layers' scores under a parameter budget: more rank lowers a
-KPM layer's score (cost) and raises an IPM layer's (gain); each step goes to the layer with the
-best change per trainable parameter.
+Higher is better in both modes, and one function computes both. The score depends on the
+singular values of W C' and the extreme eigenvalues of the damped C' only; it is dimensionless
+and unchanged when W or C is multiplied by a constant (all s_i scale together, kappa does not),
+so vision, projector and language layers compare. DESIGN.md's worst-case ratio compares the
+adapter's bound with the *rest* of the layer, rho = sqrt(kappa) * tail / head; the bound here
+compares it with the *whole* (1 - KPM score = rho * head / S, equal to rho to first order when
+the tail is small), because a bound that adds up over components makes the rank allocation a
+sum of per-component costs: KPM's costs grow with each step (it reaches for larger s_i), IPM's
+gains shrink, so the greedy allocation below is exact. (A bounded-ratio score such as
+head / (head + sqrt(kappa) * tail) is convex in the sums; a greedy on it piles rank onto layers
+whose guarantee is already lost.)
 """
 
 from __future__ import annotations
@@ -42,44 +45,41 @@ import torch
 from .errors import CordaError
 
 
-def context_profile(singular_values: torch.Tensor, eigenvalues: Sequence[float] | torch.Tensor) -> torch.Tensor:
-    """``T(k)`` for k = 0..m (float64): the worst-case share of context in the top k components.
+def rank_scores(singular_values: torch.Tensor, eigenvalues: Sequence[float] | torch.Tensor, mode: str) -> torch.Tensor:
+    """The score at every rank r = 0..m (float64, index r); see the module docstring.
 
     ``singular_values``: all singular values of W C' (any order); ``eigenvalues``: eigenvalues of
     the damped C' (all of them, or just (lam_min, lam_max)).
     """
+    if mode not in ("kpm", "ipm"):
+        raise CordaError(f"mode={mode!r} is not 'kpm' or 'ipm'.")
     s = torch.as_tensor(singular_values, dtype=torch.float64).flatten().clamp_min(0).sort(descending=True).values
     lam = torch.as_tensor(eigenvalues, dtype=torch.float64).flatten()
     lam_min, lam_max = float(lam.min()), float(lam.max())
     if not lam_min > 0:
         raise CordaError(f"the damped covariance must be positive definite (smallest eigenvalue {lam_min}).")
-    root_kappa = math.sqrt(lam_max / lam_min)
-    prefix = torch.cat([s.new_zeros(1), s.cumsum(0)])
-    total = prefix[-1]
-    if total == 0:  # W C' = 0: no context anywhere; every split is equally (trivially) compact
-        return torch.ones_like(prefix)
-    return prefix / (prefix + root_kappa * (total - prefix))
-
-
-def frozen_top(m: int, r: int, mode: str) -> int:
-    """How many top components the score counts: KPM freezes the top m - r, IPM trains the top r."""
-    if mode not in ("kpm", "ipm"):
-        raise CordaError(f"mode={mode!r} is not 'kpm' or 'ipm'.")
-    return m - r if mode == "kpm" else r
+    root_kappa = math.sqrt(max(lam_max / lam_min, 1.0))  # Ritz estimates can cross by an ulp when C' = I
+    total = float(s.sum())
+    if total == 0:  # W C' = 0: no context anywhere, nothing to keep or to capture
+        return torch.full((s.shape[0] + 1,), 1.0 if mode == "kpm" else 0.0, dtype=torch.float64)
+    if mode == "ipm":
+        return torch.cat([s.new_zeros(1), s.cumsum(0)]) / (root_kappa * total)
+    tail = torch.cat([s.new_zeros(1), s.flip(0).cumsum(0)])  # sum of the r smallest
+    return 1.0 - root_kappa * tail / total
 
 
 def compactness(singular_values: torch.Tensor, eigenvalues: Sequence[float] | torch.Tensor, r: int, mode: str) -> float:
     """CorDA++ compactness of a layer adapted at rank ``r`` in ``mode`` (higher is better).
 
-    KPM: the worst-case share of the calibration context that stays in the frozen principal
-    components; IPM: the worst-case share the adapter's principal components carry. See the
-    module docstring for the derivation and invariances.
+    KPM: a lower bound on the share of the calibration context left in the frozen components;
+    IPM: a lower bound on the share the adapter's components carry. Derivation and invariances
+    in the module docstring.
     """
-    profile = context_profile(singular_values, eigenvalues)
-    m = profile.shape[0] - 1
+    scores = rank_scores(singular_values, eigenvalues, mode)
+    m = scores.shape[0] - 1
     if not 0 <= r <= m:
         raise CordaError(f"rank {r} is outside [0, {m}] for {m} singular values.")
-    return float(profile[frozen_top(m, r, mode)])
+    return float(scores[r])
 
 
 def select_best(scores: Mapping[str, float]) -> str:
@@ -101,14 +101,14 @@ class RankRequest:
     """The rank it would get without allocation (its share of the default budget)."""
     low: int
     high: int
-    profile: tuple[float, ...]
-    """context_profile(...) as floats, length min(d_in, d_out) + 1."""
+    scores: tuple[float, ...]
+    """rank_scores(...) as floats: the score at rank 0..min(d_in, d_out)."""
 
     def value(self, r: int) -> float:
-        return self.profile[frozen_top(len(self.profile) - 1, r, self.mode)]
+        return self.scores[r]
 
 
-def _grant(req: RankRequest, r: int, step: int) -> tuple[int, float]:
+def _next_step(req: RankRequest, r: int, step: int) -> tuple[int, float]:
     """(rank added, change of score per parameter) for the next step of ``req`` at rank ``r``."""
     add = min(step, req.high - r)
     return add, (req.value(r + add) - req.value(r)) / (add * req.params_per_rank)
@@ -120,29 +120,41 @@ def _greedy(requests: list[RankRequest], budget: float, step: int) -> dict[str, 
     heap = []
     for i, req in enumerate(requests):
         if req.low < req.high:
-            add, delta = _grant(req, req.low, step)
-            heapq.heappush(heap, (-delta, i, add))
+            add, delta = _next_step(req, req.low, step)
+            heap.append((-delta, i, add))
+    heapq.heapify(heap)
     while used < budget and heap:
         _, i, add = heapq.heappop(heap)
         req = requests[i]
         ranks[req.name] += add
         used += add * req.params_per_rank
         if ranks[req.name] < req.high:
-            add, delta = _grant(req, ranks[req.name], step)
+            add, delta = _next_step(req, ranks[req.name], step)
             heapq.heappush(heap, (-delta, i, add))
     return ranks
+
+
+def _split_budget(requests: Sequence[RankRequest], budget: int, modes: list[str]) -> dict[str, float]:
+    """Budget per mode: its floors, plus the rest shared in proportion to nominal - floor."""
+    floor = {m: sum(q.low * q.params_per_rank for q in requests if q.mode == m) for m in modes}
+    free = {m: max(0, sum(q.nominal * q.params_per_rank for q in requests if q.mode == m) - floor[m]) for m in modes}
+    spare, total = budget - sum(floor.values()), sum(free.values())
+    return {m: floor[m] + spare * (free[m] / total if total else 1 / len(modes)) for m in modes}
 
 
 def allocate(requests: Sequence[RankRequest], budget: int, step: int = 1) -> dict[str, int]:
     """Ranks per layer with ``sum r_l (d_in,l + d_out,l)`` reaching ``budget``.
 
     Every layer starts at its floor ``low``; then, ``step`` rank at a time, the layer whose next
-    components change its compactness score most favourably per trainable parameter gets them
-    (KPM: the smallest loss of frozen context; IPM: the largest gain of adapter context), never
-    above its cap ``high``, until the budget is met (it may be passed by less than one step of one
-    layer). Ties go to the layer listed first. When KPM and IPM layers are mixed (group_modes),
-    their scores move in opposite directions, so the budget is split between the two modes in
-    proportion to their nominal budgets and each part is allocated on its own.
+    components change its score most favourably per trainable parameter gets them (KPM: the
+    least frozen context put at risk; IPM: the most adapter context gained), never above its cap
+    ``high``, until the budget is met (it may be passed by less than one step of one layer). The
+    per-step changes only worsen as a layer's rank grows, so this greedy maximises the summed
+    score among allocations on the step grid that spend the same budget. Ties go to the layer
+    listed first. When KPM and IPM layers are mixed (group_modes), their scores are not on one
+    scale, so each mode gets its floors plus a share of the rest in proportion to its nominal
+    budget above the floors, and each part is allocated on its own (overshoot: less than one
+    step per mode).
     """
     if step < 1:
         raise CordaError(f"rank step {step} must be >= 1.")
@@ -151,15 +163,13 @@ def allocate(requests: Sequence[RankRequest], budget: int, step: int = 1) -> dic
         raise CordaError(f"the rank floors alone need {floor:,} trainable parameters, more than the budget "
                          f"{budget:,}. Lower rank_min or raise the budget.")
     for req in requests:
-        if not 1 <= req.low <= req.high < len(req.profile) - 1:
+        if not 1 <= req.low <= req.high < len(req.scores) - 1:
             raise CordaError(f"{req.name}: rank bounds [{req.low}, {req.high}] must satisfy 1 <= low <= high "
-                             f"< min(d_in, d_out) = {len(req.profile) - 1}.")
+                             f"< min(d_in, d_out) = {len(req.scores) - 1}.")
     modes = sorted({req.mode for req in requests})
     if len(modes) == 1:
         return _greedy(list(requests), budget, step)
-    nominal = {m: sum(q.nominal * q.params_per_rank for q in requests if q.mode == m) for m in modes}
     ranks: dict[str, int] = {}
-    for m in modes:
-        part = budget * nominal[m] / sum(nominal.values())
+    for m, part in _split_budget(requests, budget, modes).items():
         ranks.update(_greedy([q for q in requests if q.mode == m], part, step))
     return ranks

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from .adapters import _check_untied
 from .allocation import allocate_layers, analyse_layers
 from .config import DECOMPOSING, CordaConfig
 from .covariance import CovarianceStore
@@ -155,6 +156,7 @@ def allocate_ranks(model: nn.Module, store: CovarianceStore, config: CordaConfig
     family = family or detect_family(model)
     targets = resolve_targets(model, family, config.groups, config.target_modules, config.exclude_modules)
     store.check_model(model, modules=[t.name for t in targets])
+    _check_untied(model, targets)  # the build refuses tied weights; so does its dry run
     base = store.resolve_source(config.source)
     choices = analyse_layers(targets, store, config, base, keep_components=False, progress=progress)
     ranks, budget = allocate_layers(choices, config)

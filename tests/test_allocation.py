@@ -17,6 +17,7 @@ from corda_vl import (
     build_corda,
     build_record,
     collect_covariances,
+    load_corda,
     plan,
     save_corda,
 )
@@ -80,9 +81,8 @@ def test_selection_matches_a_brute_force_computation(llama, split_store):
             c = c + 1e-4 * np.mean(np.diag(c)) * np.eye(len(c))
             s = np.linalg.svd(weights[name] @ c, compute_uv=False)
             lam = np.linalg.eigvalsh(c)
-            k = len(s) - 4  # KPM at the nominal rank: the top m - r stay frozen
-            top, rest = s[:k].sum(), s[k:].sum()
-            scores[source] = top / (top + np.sqrt(lam[-1] / lam[0]) * rest)
+            tail = np.sort(s)[:4].sum()  # KPM at the nominal rank: the 4 smallest go to the adapter
+            scores[source] = 1 - np.sqrt(lam[-1] / lam[0]) * tail / s.sum()
         for source, value in scores.items():
             assert info["candidates"][source] == pytest.approx(value, rel=1e-3)
         ranked = sorted(scores.values(), reverse=True)
@@ -111,6 +111,10 @@ def test_save_loads_in_stock_peft_with_rank_pattern(llama, split_store, tmp_path
     stock = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(out / "residual"), out / "adapter")
     torch.testing.assert_close(logits(stock, batch), ref, atol=1e-6, rtol=0)
     assert adapter_ranks(stock) == adapter_ranks(peft_model)
+    loaded = load_corda(out)
+    torch.testing.assert_close(logits(loaded, batch), ref, atol=1e-6, rtol=0)
+    assert build_record(loaded).modules == build_record(peft_model).modules
+    assert build_record(loaded).budget == build_record(peft_model).budget
     meta = json.loads((out / "corda_vl.json").read_text())["build"]
     assert {n: i["source"] for n, i in meta["modules"].items()} == {
         n: i["source"] for n, i in build_record(peft_model).modules.items()}
@@ -162,6 +166,50 @@ def test_llava_vision_projector_language(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(stock(**batch).logits, peft_model(**batch).logits, atol=1e-6, rtol=0)
     assert adapter_ranks(stock) == dry.ranks
+
+
+def test_llava_splits_keep_the_modality_wholes():
+    groups = ["vision", "projector", "language"]
+    model, batches = tiny_llava(), llava_batches(4)
+    store = collect_covariances(model, batches, groups=groups, splits=2, progress=False)
+    name = "model.language_model.layers.0.mlp.down_proj"
+    assert {"calib", "calib/image", "calib/text", "calib/image/split0", "calib/text/split1"} <= set(store.sources_for(name))
+    whole = collect_covariances(tiny_llava(), batches, groups=groups, progress=False)
+    for source in ("calib", "calib/image", "calib/text"):
+        torch.testing.assert_close(store.sum(name, source), whole.sum(name, source), rtol=1e-5, atol=1e-4)
+    peft_model = build_corda(model, store, CordaConfig(method="corda++", r=4, groups=groups,
+                                                       candidates=["calib", "calib/image", "calib/text"]), progress=False)
+    record = build_record(peft_model).modules
+    assert set(record[name]["candidates"]) == {"calib", "calib/image", "calib/text"}
+
+
+def test_odd_layers_and_bounds(llama, batches):
+    store = collect_covariances(llama, batches, progress=False)
+    batch = batches[0]
+    ref = logits(llama, batch)
+    # nominal ranks at or above min(d_in, d_out) (k/v are 16x32) are capped, not a crash
+    peft_model = build_corda(llama, store, CordaConfig(method="corda++", r=20, rank_max=40), progress=False)
+    torch.testing.assert_close(logits(peft_model, batch), ref, atol=2e-5, rtol=0)
+    record = build_record(peft_model).modules
+    assert all(i["rank"] < min(i["shape"]) for i in record.values())
+    with pytest.raises(CordaError, match="rank_min 6 is above rank_max 3"):
+        CordaConfig(method="corda++", rank_min=6, rank_max=3)
+    with pytest.raises(CordaError, match="group 'vision'"):
+        CordaConfig(method="corda++", rank_min={"vision": 6}, rank_max={"vision": 3})
+    with pytest.warns(UserWarning, match="rank_max names groups \['vision'\]"):
+        allocate_ranks(tiny_llama(), store, CordaConfig(method="corda++", r=4, rank_max={"vision": 8}), progress=False)
+    with pytest.warns(UserWarning, match="caps allow only"):
+        allocate_ranks(tiny_llama(), store, CordaConfig(method="corda++", r=4, rank_max=4, budget=10**6), progress=False)
+
+
+def test_a_zero_layer_keeps_its_floor(batches):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+    store = collect_covariances(model, batches, progress=False)
+    with pytest.warns(UserWarning, match="o_proj: W C' = 0"):
+        plan = allocate_ranks(model, store, CordaConfig(method="corda++", r=4), progress=False)
+    assert plan.ranks["model.layers.1.self_attn.o_proj"] == 1
 
 
 def test_bad_configs_are_explained(llama, split_store):
