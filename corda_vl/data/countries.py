@@ -14,7 +14,9 @@ def _templates() -> dict[str, str]:
 
 @lru_cache(maxsize=1)
 def country_records() -> tuple[dict, ...]:
-    """One dict per country with a capital: name, capital, region, subregion, demonym, population."""
+    """One dict per country with a capital: name, capital, region, subregion, demonym, population,
+    and countryinfo's raw ``language_codes`` (ISO 639, a few plain names) and ``currency_codes``
+    (ISO 4217) as tuples; ``corda_vl.data.knowledge`` turns the codes into names."""
     from countryinfo import CountryInfo
 
     records = []
@@ -28,6 +30,8 @@ def country_records() -> tuple[dict, ...]:
             "subregion": data.get("subregion") or "",
             "demonym": data.get("demonym") or "",
             "population": int(data.get("population") or 0),
+            "language_codes": tuple(data.get("languages") or ()),
+            "currency_codes": tuple(data.get("currencies") or ()),
         })
     return tuple(sorted(records, key=lambda r: r["name"]))
 
