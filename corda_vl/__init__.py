@@ -19,6 +19,7 @@ from .errors import (
 )
 from .cordapp import compactness
 from .plan import Plan, PlanRow, allocate_ranks, plan
+from .report import Run, Score, load_results, write_report
 from .saving import export_lora, load_corda, save_corda
 
 __version__ = "0.1.0"
@@ -33,6 +34,8 @@ __all__ = [
     "DecompositionError",
     "Plan",
     "PlanRow",
+    "Run",
+    "Score",
     "TargetError",
     "UnknownFamilyError",
     "allocate_ranks",
@@ -42,6 +45,8 @@ __all__ = [
     "compactness",
     "export_lora",
     "load_corda",
+    "load_results",
     "plan",
     "save_corda",
+    "write_report",
 ]
