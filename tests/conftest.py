@@ -150,3 +150,28 @@ def module_inputs(model, name, run, batches):
     finally:
         handle.remove()
     return seen
+
+
+WORDS = ["question", "answer", ":", "?", ".", ",", "what", "is", "the", "capital", "of", "a", "an", "photo",
+         "shape", "color", "circle", "rectangle", "triangle", "red", "green", "blue", "yellow", "gray", "black",
+         "france", "paris", "germany", "berlin", "japan", "tokyo", "italy", "rome", "spain", "madrid", "digit",
+         "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "in", "image", "there",
+         "yes", "no", "does", "contain", "country", "its", "people", "are", "called", "water", "boils", "at"]
+WORDS += [f"w{i}" for i in range(VOCAB - 5 - len(WORDS))]
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over VOCAB ids (no files, no downloads): <pad> 0, <unk> 1,
+    <s> 2 (prepended), </s> 3, the words above, and <image> = IMAGE_TOKEN (VOCAB - 1)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, **{w: i + 4 for i, w in enumerate(WORDS)},
+             "<image>": VOCAB - 1}
+    assert len(vocab) == VOCAB
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", additional_special_tokens=["<image>"])
