@@ -6,6 +6,7 @@ checkout or an editable install it is read where it lies, next to the package.
 
 from __future__ import annotations
 
+import copy
 import json
 from functools import lru_cache
 from importlib import resources
@@ -25,3 +26,13 @@ def assets_root():
 def load_json_asset(relative_path: str) -> Any:
     """Parse ``assets/<relative_path>``."""
     return json.loads(assets_root().joinpath(relative_path).read_text())
+
+
+def merge_overrides(base: dict, override: dict) -> dict:
+    """A deep copy of ``base`` with ``override``'s entries on top (nested dicts merged key by key):
+    how a recipe's smaller sizes list only what they change."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_overrides(out[key], value) if both else copy.deepcopy(value)
+    return out
