@@ -105,3 +105,14 @@ def knowledge_qa(fields: tuple[str, ...] = FIELDS, seed: int = 0) -> DatasetDict
                          "aliases": Sequence(Value("string")), "field": Value("string"),
                          "country": Value("string")})
     return DatasetDict({split: Dataset.from_list(r, features=features) for split, r in rows.items()})
+
+
+def knowledge_shots(n: int = 3, field: str = "capital", seed: int = 0) -> list[tuple[str, str]]:
+    """(question, answer) few-shot examples from the calibration split, of the most populous
+    countries: well-known facts show the answer format without teaching anything the evaluation
+    asks. (Shots picked by name order started with Anguilla -> "The Valley", and SmolLM2 then
+    answered "The ..." to everything: 15 % exact match on capitals against 40 % with these.)"""
+    population = {r["name"]: r["population"] for r in country_records()}
+    rows = [r for r in knowledge_qa((field,), seed)["calibration"]]
+    rows.sort(key=lambda r: (-population.get(r["country"], 0), r["country"]))
+    return [(r["question"], r["answer"]) for r in rows[:n]]
