@@ -160,18 +160,19 @@ WORDS = ["question", "answer", ":", "?", ".", ",", "what", "is", "the", "capital
 WORDS += [f"w{i}" for i in range(VOCAB - 5 - len(WORDS))]
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(image_token: bool = True):
     """A word-level fast tokenizer over VOCAB ids (no files, no downloads): <pad> 0, <unk> 1,
-    <s> 2 (prepended), </s> 3, the words above, and <image> = IMAGE_TOKEN (VOCAB - 1)."""
+    <s> 2 (prepended), </s> 3, the words above, and <image> = IMAGE_TOKEN (VOCAB - 1), or a plain
+    word there when ``image_token`` is False (a text-only LM's tokenizer)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, **{w: i + 4 for i, w in enumerate(WORDS)},
-             "<image>": VOCAB - 1}
+             "<image>" if image_token else "w_last": VOCAB - 1}
     assert len(vocab) == VOCAB
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", additional_special_tokens=["<image>"])
+                                   eos_token="</s>", additional_special_tokens=["<image>"] if image_token else None)
