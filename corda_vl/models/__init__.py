@@ -1,6 +1,11 @@
 """Model loaders and embedded defaults (built or converted once, cached)."""
 
 from .cache import cache_root
+from .default_clip import DEFAULT_CLIP, build_default_clip, default_clip_dir, load_clip
+from .default_llava import DEFAULT_LLAVA, build_default_llava, default_llava_dir, load_llava
 from .llama import SMOLLM2, load_llama, smollm2_available, smollm2_dir
+from .open_clip_loader import load_open_clip
 
-__all__ = ["SMOLLM2", "cache_root", "load_llama", "smollm2_available", "smollm2_dir"]
+__all__ = ["DEFAULT_CLIP", "DEFAULT_LLAVA", "SMOLLM2", "build_default_clip", "build_default_llava", "cache_root",
+           "default_clip_dir", "default_llava_dir", "load_clip", "load_llama", "load_llava", "load_open_clip",
+           "smollm2_available", "smollm2_dir"]
