@@ -102,3 +102,11 @@ def text_mask(batch: Mapping[str, Any]) -> torch.Tensor:
     if mask is None:
         return torch.ones_like(batch["input_ids"], dtype=torch.bool)
     return mask.bool()
+
+
+def clip_describe(name: str, group: str) -> str:
+    """What feeds each CLIP module (transformers and open_clip name their projections alike:
+    ``visual...`` / ``text...``)."""
+    if group == "projection":
+        return "pooled image features" if name.startswith("visual") else "pooled text features"
+    return "image patches" if group == "vision" else "text tokens"

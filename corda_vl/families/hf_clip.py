@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import CalibrationError
-from .base import Family, Routes, has_module, register_family, tensor_dict, text_mask
+from .base import Family, Routes, clip_describe, has_module, register_family, tensor_dict, text_mask
 
 KEYS = ("pixel_values", "input_ids", "attention_mask")
 
@@ -53,11 +53,6 @@ def _forward(model, batch: Mapping[str, Any]):
         model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
 
 
-def _describe(name: str, group: str) -> str:
-    if group == "projection":
-        return "pooled image features" if "visual" in name else "pooled text features"
-    return "image patches" if group == "vision" else "text tokens"
-
 
 HF_CLIP = register_family(
     Family(
@@ -72,6 +67,6 @@ HF_CLIP = register_family(
         route=_route,
         forward=_forward,
         prepare=_prepare,
-        describe=_describe,
+        describe=clip_describe,
     )
 )

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import CalibrationError, TargetError
-from .base import Family, Routes, register_family
+from .base import Family, Routes, clip_describe, register_family
 from .open_clip_convert import is_converted
 
 PAD_ID = 0
@@ -61,11 +61,6 @@ def _forward(model, batch: Mapping[str, Any]):
         model.encode_text(batch["text"])
 
 
-def _describe(name: str, group: str) -> str:
-    if group == "projection":
-        return "pooled image features" if name.startswith("visual") else "pooled text features"
-    return "image patches" if group == "vision" else "text tokens"
-
 
 BLOCK = r"transformer\.resblocks\.\d+\.(attn\.(q|k|v|out)_proj|mlp\.c_(fc|proj))$"
 
@@ -79,7 +74,7 @@ OPEN_CLIP = register_family(
         route=_route,
         forward=_forward,
         prepare=_prepare,
-        describe=_describe,
+        describe=clip_describe,
         validate=_validate,
     )
 )
