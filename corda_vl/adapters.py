@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .allocation import allocate_layers, analyse_layers
 from .config import DECOMPOSING, CordaConfig
 from .covariance import CovarianceStore
-from .decompose import corda_factors, damp_covariance, factors_from, identity_covariance, residual_weight
+from .decompose import context_share, corda_factors, damp_covariance, factors_from, identity_covariance, residual_weight
 from .errors import CordaError, DecompositionError, TargetError
 from .families import detect_family
 from .families.base import Family
@@ -166,10 +166,10 @@ def _decompose_allocated(
         A, B = factors_from(parts, scaling)
         keep = torch.float64 if t.module.weight.dtype == torch.float64 else torch.float32
         factors[name] = (A.to(keep), B.to(keep))
-        share = float(parts.S.square().sum().sqrt() / choice.singular_values.double().square().sum().sqrt())
         info[name] = {**_module_info(t, config), "rank": r, "alpha": scaling * r, "nominal_rank": choice.nominal,
                       "mode": choice.mode, "source": choice.source, "candidates": choice.scores,
-                      "compactness": choice.request().value(r), "context_share": share, **choice.details}
+                      "compactness": choice.rank_scores[r],
+                      "context_share": context_share(parts.S, choice.singular_values), **choice.details}
     realised = sum(i["rank"] * sum(i["shape"]) for i in info.values())
     return factors, info, {"budget": budget, "realised": realised}
 

@@ -104,7 +104,12 @@ class CoSVD:
     @property
     def context_share(self) -> float:
         """||M V_r||_F / ||M||_F: the part of the calibration context the selected components carry."""
-        return float(self.S.square().sum().sqrt() / self.singular_values.double().square().sum().sqrt())
+        return context_share(self.S, self.singular_values)
+
+
+def context_share(selected: torch.Tensor, singular_values: torch.Tensor) -> float:
+    """Frobenius share sqrt(sum selected^2 / sum all^2) of a subset of singular values."""
+    return float(selected.square().sum().sqrt() / singular_values.double().square().sum().sqrt())
 
 
 # svd='auto': a float32 candidate is kept when float64 confirms it within this relative slack...
