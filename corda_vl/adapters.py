@@ -170,8 +170,7 @@ def _decompose_allocated(
                       "mode": choice.mode, "source": choice.source, "candidates": choice.scores,
                       "compactness": choice.rank_scores[r],
                       "context_share": context_share(parts.S, choice.singular_values), **choice.details}
-    realised = sum(i["rank"] * sum(i["shape"]) for i in info.values())
-    return factors, info, {"budget": budget, "realised": realised}
+    return factors, info, budget
 
 
 @torch.no_grad()

@@ -137,12 +137,13 @@ def nominal_budget(choices: dict[str, LayerChoice]) -> int:
     return sum(c.nominal * (c.target.d_in + c.target.d_out) for c in choices.values())
 
 
-def allocate_layers(choices: dict[str, LayerChoice], config: CordaConfig) -> tuple[dict[str, int], int]:
-    """(rank per layer, budget) by the greedy compactness allocation."""
+def allocate_layers(choices: dict[str, LayerChoice], config: CordaConfig) -> tuple[dict[str, int], dict[str, int]]:
+    """(rank per layer, {"budget": asked, "realised": sum r_l (d_in + d_out)}) by the greedy
+    compactness allocation."""
     budget = config.budget if config.budget is not None else nominal_budget(choices)
     ranks = allocate([c.request() for c in choices.values()], budget, config.rank_step)
     realised = sum(r * (choices[n].target.d_in + choices[n].target.d_out) for n, r in ranks.items())
     if realised < budget:
         warnings.warn(f"the rank caps allow only {realised:,} of the {budget:,} trainable parameters asked for; "
                       f"raise rank_max to use the whole budget.", stacklevel=3)
-    return ranks, budget
+    return ranks, {"budget": budget, "realised": realised}

@@ -166,4 +166,4 @@ def allocate_ranks(model: nn.Module, store: CovarianceStore, config: CordaConfig
         scores = ", ".join(f"{s} {v:.4f}" for s, v in c.scores.items()) if len(c.scores) > 1 else ""
         cov = f"{c.mode}: {_describe(family, t, store, c.source)}" + (f" (of {scores})" if scores else "")
         rows.append(_row(t, r, config.scaling_for(t.name, t.group) * r, cov, c.source, c.rank_scores[r]))
-    return Plan(config.method, config.mode, rows, budget)
+    return Plan(config.method, config.mode, rows, budget["budget"])
