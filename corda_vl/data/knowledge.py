@@ -112,7 +112,8 @@ def knowledge_shots(n: int = 3, field: str = "capital", seed: int = 0) -> list[t
     countries: well-known facts show the answer format without teaching anything the evaluation
     asks. (Shots picked by name order started with Anguilla -> "The Valley", and SmolLM2 then
     answered "The ..." to everything: 15 % exact match on capitals against 40 % with these.)"""
-    population = {r["name"]: r["population"] for r in country_records()}
-    rows = [r for r in knowledge_qa((field,), seed)["calibration"]]
-    rows.sort(key=lambda r: (-population.get(r["country"], 0), r["country"]))
-    return [(r["question"], r["answer"]) for r in rows[:n]]
+    template = load_json_asset("templates/knowledge.json")[f"{field}_question"]
+    split_of = country_splits(seed)
+    records = [r for r in country_records() if split_of[r["name"]] == "calibration" and _answers(r, field)]
+    records.sort(key=lambda r: (-r["population"], r["name"]))
+    return [(template.format(**r), _answers(r, field)[0]) for r in records[:n]]

@@ -140,19 +140,20 @@ def _sample(rows, n: int | None, seed: int):
     return rows.select(sorted(random.Random(seed).sample(range(len(rows)), n)))
 
 
-def evaluate_default_llava(model, processor, recipe: dict, progress: bool = True) -> dict[str, Any]:
-    """VQA accuracy on held-out easy-VQA questions, per question type next to the answer prior
-    (always the commonest answer), and capital-question exact match through the frozen LM."""
+def evaluate_default_llava(model, processor, recipe: dict, progress: bool = True, vqa_data=None) -> dict[str, Any]:
+    """VQA accuracy on held-out easy-VQA questions next to the answer prior (always the commonest
+    answer), and capital-question exact match through the frozen LM. ``vqa_data``: an
+    ``easy_vqa()`` already built (its seed only orders the train rows, which neither score reads)."""
     from collections import Counter
 
     from ..data import easy_vqa, knowledge_qa, knowledge_shots
     from ..eval.llm import qa_exact_match
     from ..eval.vlm import vqa_accuracy
 
-    spec = recipe["eval"]
-    vqa_rows = _sample(easy_vqa()["eval"], spec["vqa_questions"], spec["seed"])
+    spec, vqa_data = recipe["eval"], vqa_data or easy_vqa()
+    vqa_rows = _sample(vqa_data["eval"], spec["vqa_questions"], spec["seed"])
     vqa = vqa_accuracy(model, processor, vqa_rows, template=recipe["template"], progress=progress)
-    commonest = Counter(easy_vqa()["train"]["answer"]).most_common(1)[0][0]
+    commonest = Counter(vqa_data["train"]["answer"]).most_common(1)[0][0]
     prior = sum(a == commonest for a in vqa_rows["answer"]) / len(vqa_rows)
     shots = knowledge_shots(recipe["capital_shots_by_population"], "capital")
     capitals = _sample(knowledge_qa(fields=("capital",))["eval"], spec["capital_questions"], spec["seed"])
@@ -172,12 +173,13 @@ def build_default_llava(out_dir: str | Path, *, size: str = "default", clip_dir:
     clip_dir = Path(clip_dir or default_clip_dir(recipe["clip"], cache_dir=cache_dir, progress=progress))
     lm, tokenizer = load_llama(language_model or recipe["language_model"])
     model, processor = assemble_llava(clip_dir, lm, tokenizer, recipe, seed=recipe["train"]["seed"])
-    rows = _sample(easy_vqa(seed=recipe["train"]["seed"])["train"], recipe["train"]["max_train_questions"], 0)
+    vqa_data = easy_vqa(seed=recipe["train"]["seed"])
+    rows = _sample(vqa_data["train"], recipe["train"]["max_train_questions"], 0)
     t0 = time.perf_counter()
     losses = train_projector(model, processor, rows, recipe, progress)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scores = evaluate_default_llava(model, processor, recipe, progress)
+    scores = evaluate_default_llava(model, processor, recipe, progress, vqa_data)
     record = {"name": DEFAULT_LLAVA if size == "default" else f"{DEFAULT_LLAVA}-{size}", "recipe": recipe,
               "clip": str(clip_dir), "language_model": language_model or recipe["language_model"],
               "parameters": {"total": sum(p.numel() for p in model.parameters()),
