@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_dir
+from ..eval.llm import padding_side
 from ..errors import CordaError
 from ..resources import load_json_asset, merge_overrides
 from .cache import cache_root
@@ -83,11 +84,8 @@ def _answer_batch(processor, rows: list[dict], template: str) -> tuple[dict, tor
     loss only reads those, so only the last positions' logits are computed)."""
     tok = processor.tokenizer
     texts = [template.format(question=r["question"]) + " " + r["answer"] + tok.eos_token for r in rows]
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
+    with padding_side(tok, "left"):
         inputs = dict(processor(text=texts, images=[r["image"] for r in rows], return_tensors="pt", padding=True))
-    finally:
-        tok.padding_side = side
     lengths = [len(tok(" " + r["answer"] + tok.eos_token, add_special_tokens=False)["input_ids"]) for r in rows]
     keep = max(lengths)
     targets = inputs["input_ids"][:, -keep:].clone()
