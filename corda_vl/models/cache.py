@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -9,3 +10,20 @@ from pathlib import Path
 def cache_root() -> Path:
     root = os.environ.get("CORDA_VL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "corda_vl"
     return Path(root)
+
+
+BUILD_RECORD = "corda_vl_build.json"
+"""The JSON a built default model keeps next to its weights: its recipe, scores and timings."""
+
+
+def model_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """``<cache>/models/<name>``: where an embedded default model is converted or built."""
+    return Path(cache_dir or cache_root()) / "models" / name
+
+
+def built_from(target: Path, recipe: dict) -> bool | None:
+    """Whether the folder holds a build of ``recipe`` (None: nothing built there yet)."""
+    record = target / BUILD_RECORD
+    if not record.is_file():
+        return None
+    return json.loads(record.read_text())["recipe"] == recipe

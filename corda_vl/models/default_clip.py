@@ -27,12 +27,11 @@ import torch
 from ..atomic import atomic_dir
 from ..errors import CordaError
 from ..resources import load_json_asset, merge_overrides
-from .cache import cache_root
+from .cache import BUILD_RECORD, built_from, model_dir
 
 DEFAULT_CLIP = "corda-vl-clip"
 # Embedded alias -> size in assets/models/default_clip.json. The tiny one exists for tests.
 ALIASES = {DEFAULT_CLIP: "default", f"{DEFAULT_CLIP}-tiny": "tiny"}
-BUILD_RECORD = "corda_vl_build.json"
 CHANCE = {"digits": 1 / 10, "shapes": 1 / 3, "colors": 1 / 8}
 
 
@@ -381,11 +380,11 @@ def default_clip_dir(name: str = DEFAULT_CLIP, *, cache_dir: str | Path | None =
     if name not in ALIASES:
         raise DefaultClipError(f"{name!r} is not an embedded CLIP; choose one of {sorted(ALIASES)}.")
     size = ALIASES[name]
-    target = Path(cache_dir or cache_root()) / "models" / name
-    record = target / BUILD_RECORD
-    if record.is_file() and not rebuild:
-        if json.loads(record.read_text())["recipe"] == clip_recipe(size):
-            return target
+    target = model_dir(name, cache_dir)
+    built = None if rebuild else built_from(target, clip_recipe(size))
+    if built:
+        return target
+    if built is False:
         print(f"[corda_vl] {target} was built from another recipe; rebuilding it")
     print(f"[corda_vl] building the default CLIP {name!r} ({size} size) into {target}: trained here on "
           "digits + easy-VQA, once (the default size takes several minutes)")

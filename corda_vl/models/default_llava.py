@@ -22,8 +22,8 @@ from ..atomic import atomic_dir
 from ..eval.llm import padding_side
 from ..errors import CordaError
 from ..resources import load_json_asset, merge_overrides
-from .cache import cache_root
-from .default_clip import BUILD_RECORD, default_clip_dir
+from .cache import BUILD_RECORD, built_from, model_dir
+from .default_clip import default_clip_dir
 from .llama import load_llama
 
 DEFAULT_LLAVA = "corda-vl-llava"
@@ -199,9 +199,8 @@ def default_llava_dir(name: str = DEFAULT_LLAVA, *, cache_dir: str | Path | None
     if name not in ALIASES:
         raise DefaultLlavaError(f"{name!r} is not an embedded LLaVA; choose one of {sorted(ALIASES)}.")
     size = ALIASES[name]
-    target = Path(cache_dir or cache_root()) / "models" / name
-    record = target / BUILD_RECORD
-    if record.is_file() and not rebuild and json.loads(record.read_text())["recipe"] == llava_recipe(size):
+    target = model_dir(name, cache_dir)
+    if not rebuild and built_from(target, llava_recipe(size)):
         return target
     print(f"[corda_vl] building the default LLaVA {name!r} into {target}: the default CLIP's ViT + SmolLM2 + a "
           "projector trained here on easy-VQA, once")

@@ -15,7 +15,7 @@ import torch
 
 from ..atomic import atomic_dir
 from ..errors import CordaError
-from .cache import cache_root
+from .cache import model_dir
 
 SMOLLM2 = "smollm2-135m-instruct"
 ALIASES = {"smollm2", "smollm2-135m", SMOLLM2}
@@ -48,7 +48,7 @@ def smollm2_available() -> bool:
 
 def smollm2_dir() -> Path:
     """A plain transformers folder with SmolLM2-135M-Instruct, converted on first use."""
-    target = cache_root() / "models" / SMOLLM2
+    target = model_dir(SMOLLM2)
     if (target / "config.json").is_file():
         return target
     gguf = smollm2_gguf()
