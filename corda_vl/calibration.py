@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .covariance import CovarianceStore, model_fingerprint
 from .errors import CalibrationError
 from .families import detect_family
-from .families.base import Family, Routes
+from .families.base import Family, Routes, batch_to_device
 from .gram import GramSum
 from .targets import Target, resolve_targets
 
@@ -127,10 +127,6 @@ def _split_names(splits: int):
     return deal
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def _input_device(model: nn.Module) -> torch.device:
     device = getattr(model, "device", None)
     return device if isinstance(device, torch.device) else next(model.parameters()).device
@@ -183,7 +179,7 @@ def collect_covariances(
     try:
         total = len(batches) if hasattr(batches, "__len__") else None
         for index, raw in enumerate(tqdm(batches, total=total, desc="calibrating", disable=not progress)):
-            batch = _to_device(family.prepare(model, raw), device)
+            batch = batch_to_device(family.prepare(model, raw), device)
             collector.start_batch(family.route(model, batch), index, deal(index))
             try:
                 with torch.no_grad():

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..families import detect_family
 from ..resources import load_json_asset
+from .llm import model_device
 from .metrics import mean_per_class_recall, topk_accuracy
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -63,7 +64,7 @@ def clip_encoder(model: nn.Module, tokenizer: Any = None, preprocess: Callable |
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT-wrapped: same calls
     family = detect_family(base).name
-    device = next(model.parameters()).device
+    device = model_device(model)
     if family == "hf_clip":
         config = model.config
         if tokenizer is None:

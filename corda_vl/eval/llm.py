@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..families.base import batch_to_device
 from .metrics import exact_match, perplexity
 
 QA_TEMPLATE = "Question: {question}\nAnswer:"
@@ -61,7 +62,7 @@ def generate_answers(model: nn.Module, tokenizer, items: Sequence[Any], *, max_n
     with padding_side(tokenizer, "left"):
         for chunk in _chunks(list(items), batch_size):
             inputs = model_inputs(chunk) if model_inputs else tokenizer(list(chunk), return_tensors="pt", padding=True)
-            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            inputs = batch_to_device(inputs, device)
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             new = out[:, inputs["input_ids"].shape[1]:]
             for text in tokenizer.batch_decode(new, skip_special_tokens=True):

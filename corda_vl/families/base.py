@@ -110,3 +110,8 @@ def clip_describe(name: str, group: str) -> str:
     if group == "projection":
         return "pooled image features" if name.startswith("visual") else "pooled text features"
     return "image patches" if group == "vision" else "text tokens"
+
+
+def batch_to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its tensors moved to ``device`` (other entries as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
