@@ -72,6 +72,12 @@ def generate_answers(model: nn.Module, tokenizer, items: Sequence[Any], *, max_n
     return answers
 
 
+def answer_accuracy(predictions: Sequence[str], rows: Sequence[dict]) -> float:
+    """Share of predictions that exactly match their row's "answer" or one of its "aliases"."""
+    hits = [exact_match(p, [r["answer"], *(r.get("aliases") or [])]) for p, r in zip(predictions, rows)]
+    return sum(hits) / len(hits) if hits else float("nan")
+
+
 def qa_exact_match(model: nn.Module, tokenizer, dataset, *, template: str = QA_TEMPLATE,
                    shots: Sequence[tuple[str, str]] = (), max_new_tokens: int = 12, batch_size: int = 16,
                    progress: bool = True) -> dict[str, Any]:
@@ -82,9 +88,7 @@ def qa_exact_match(model: nn.Module, tokenizer, dataset, *, template: str = QA_T
     prompts = [qa_prompt(r["question"], template, shots) for r in rows]
     predictions = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, progress=progress)
-    hits = [exact_match(p, [r["answer"], *(r.get("aliases") or [])]) for p, r in zip(predictions, rows)]
-    return {"exact_match": sum(hits) / len(hits) if hits else float("nan"), "n": len(hits),
-            "predictions": predictions}
+    return {"exact_match": answer_accuracy(predictions, rows), "n": len(rows), "predictions": predictions}
 
 
 @torch.no_grad()

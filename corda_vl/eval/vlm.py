@@ -9,8 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .llm import generate_answers
-from .metrics import exact_match
+from .llm import answer_accuracy, generate_answers
 
 VQA_TEMPLATE = "<image>\nQuestion: {question}\nAnswer:"
 
@@ -31,6 +30,4 @@ def vqa_accuracy(model: nn.Module, processor: Any, dataset, *, template: str = V
 
     predictions = generate_answers(model, processor.tokenizer, rows, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, progress=progress, model_inputs=inputs)
-    hits = [exact_match(p, [r["answer"], *(r.get("aliases") or [])]) for p, r in zip(predictions, rows)]
-    return {"vqa_accuracy": sum(hits) / len(hits) if hits else float("nan"), "n": len(hits),
-            "predictions": predictions}
+    return {"vqa_accuracy": answer_accuracy(predictions, rows), "n": len(rows), "predictions": predictions}
