@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import CordaError
-from .vqa import COLORS, SHAPES, easy_vqa_labels, easy_vqa_split
+from .vqa import COLORS, SHAPES, easy_vqa_labels, easy_vqa_split, split_order
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -88,8 +88,7 @@ def _easy_vqa_classes(classes: tuple[str, ...], seed: int) -> DatasetDict:
     for ours, split in (("train", "train"), ("test", "eval")):
         labels, paths = easy_vqa_labels(split, classes), easy_vqa_split(split)[1]
         ids = sorted(labels)
-        if ours == "train":
-            ids = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+        ids = [ids[i] for i in split_order(len(ids), split, seed)]
         out[ours] = Dataset.from_dict({"image": [paths[i] for i in ids],
                                        "label": [classes.index(labels[i]) for i in ids]}, features=_features(classes))
     return DatasetDict(out)

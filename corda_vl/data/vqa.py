@@ -43,6 +43,11 @@ def easy_vqa_split(split: str) -> tuple[tuple[tuple[str, str, int], ...], dict[i
     return tuple(zip(questions, answers, images)), dict(paths)
 
 
+def split_order(n: int, split: str, seed: int) -> list[int]:
+    """Row order of an easy-vqa split: ``seed`` shuffles the train rows; eval keeps file order."""
+    return np.random.default_rng(seed).permutation(n).tolist() if split == "train" else list(range(n))
+
+
 def easy_vqa(seed: int = 0) -> DatasetDict:
     """easy-VQA as "train" (38,575 questions) and "eval" (9,673): columns image (PIL, RGB, read
     lazily from the installed package), question, answer. The split is easy-vqa's own; ``seed``
@@ -53,8 +58,7 @@ def easy_vqa(seed: int = 0) -> DatasetDict:
     out = {}
     for split in SPLIT_DIRS:
         rows, paths = easy_vqa_split(split)
-        order = np.random.default_rng(seed).permutation(len(rows)) if split == "train" else range(len(rows))
-        picked = [rows[i] for i in order]
+        picked = [rows[i] for i in split_order(len(rows), split, seed)]
         out[split] = Dataset.from_dict({"image": [paths[im] for _, _, im in picked],
                                         "question": [q for q, _, _ in picked],
                                         "answer": [a for _, a, _ in picked]}, features=features)
