@@ -63,10 +63,15 @@ def _answers(record: dict, field: str) -> list[str]:
     if field == "languages":
         names = [language_name(c) for c in record["language_codes"]]
         return list(dict.fromkeys(n for n in names if n))
-    if field == "currencies":
-        codes = [c for c in record["currency_codes"] if currency_name(c)]
-        return list(dict.fromkeys([currency_name(c) for c in codes] + codes))
-    raise KnowledgeError(f"knowledge_qa: unknown field {field!r}; choose from {FIELDS}.")
+    codes = [c for c in record["currency_codes"] if currency_name(c)]  # "currencies"
+    return list(dict.fromkeys([currency_name(c) for c in codes] + codes))
+
+
+def _check_fields(fields: tuple[str, ...]) -> None:
+    """Refuse unknown fields before any work (``_answers`` trusts its field)."""
+    for field in fields:
+        if field not in FIELDS:
+            raise KnowledgeError(f"knowledge_qa: unknown field {field!r}; choose from {FIELDS}.")
 
 
 def country_splits(seed: int = 0) -> dict[str, str]:
@@ -88,9 +93,7 @@ def knowledge_qa(fields: tuple[str, ...] = FIELDS, seed: int = 0) -> DatasetDict
     country then by ``fields`` order, so the same arguments always give the same datasets."""
     from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
-    for field in fields:
-        if field not in FIELDS:
-            raise KnowledgeError(f"knowledge_qa: unknown field {field!r}; choose from {FIELDS}.")
+    _check_fields(fields)
     templates = load_json_asset("templates/knowledge.json")
     split_of = country_splits(seed)
     rows: dict[str, list[dict]] = {split: [] for split, _ in SPLITS}
@@ -112,6 +115,7 @@ def knowledge_shots(n: int = 3, field: str = "capital", seed: int = 0) -> list[t
     countries: well-known facts show the answer format without teaching anything the evaluation
     asks. (Shots picked by name order started with Anguilla -> "The Valley", and SmolLM2 then
     answered "The ..." to everything: 15 % exact match on capitals against 40 % with these.)"""
+    _check_fields((field,))
     template = load_json_asset("templates/knowledge.json")[f"{field}_question"]
     split_of = country_splits(seed)
     records = [r for r in country_records() if split_of[r["name"]] == "calibration" and _answers(r, field)]
