@@ -231,16 +231,15 @@ def run_from_dict(obj: Any, where: str = "run") -> Run:
     obj = _check_keys(obj, RUN_KEYS, ("rank", "budget", "scale"), where)
     if ("rank" in obj) == ("budget" in obj):
         raise CordaError(f"{where}: needs exactly one of 'rank' and 'budget'.")
-    task = _check_keys(obj["task"], TASK_KEYS, (), f"{where}.task")
+    task_score = _score_from_dict(obj["task"], f"{where}.task", TASK_KEYS)  # checks the keys too
     retention = obj["retention"]
     for key in ("retention", "seconds"):
         if not isinstance(obj[key], dict):
             raise CordaError(f"{where}.{key} must be a JSON object, got {type(obj[key]).__name__}.")
-    task_score = _score_from_dict(task, f"{where}.task", TASK_KEYS)
     scores = {name: _score_from_dict(s, f"{where}.retention.{name}") for name, s in retention.items()}
     try:
         return Run(method=obj["method"], mode=obj["mode"], rank=obj.get("rank"), budget=obj.get("budget"),
-                   trainable_params=obj["trainable_params"], task_name=task["name"], task=task_score,
+                   trainable_params=obj["trainable_params"], task_name=obj["task"]["name"], task=task_score,
                    retention=scores, seconds=obj["seconds"], scale=obj.get("scale"))
     except CordaError as exc:
         raise CordaError(f"{where}: {exc}") from None
