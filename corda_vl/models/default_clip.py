@@ -32,7 +32,6 @@ from .cache import BUILD_RECORD, built_from, model_dir
 DEFAULT_CLIP = "corda-vl-clip"
 # Embedded alias -> size in assets/models/default_clip.json. The tiny one exists for tests.
 ALIASES = {DEFAULT_CLIP: "default", f"{DEFAULT_CLIP}-tiny": "tiny"}
-CHANCE = {"digits": 1 / 10, "shapes": 1 / 3, "colors": 1 / 8}
 
 
 class DefaultClipError(CordaError):
@@ -303,7 +302,7 @@ def evaluate_default_clip(model, tokenizer, preprocess, recipe: dict, progress: 
     for name, test in _eval_sets(recipe).items():
         classes = test.features["label"].names
         result = zero_shot_eval(encoder, test, classes, zero_shot_templates(recipe["eval"][name]), progress=progress)
-        scores[name] = {**result, "chance": CHANCE.get(name, 1 / len(classes))}
+        scores[name] = {**result, "chance": 1 / len(classes)}
     return scores
 
 
