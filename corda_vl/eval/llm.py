@@ -93,7 +93,7 @@ def qa_exact_match(model: nn.Module, tokenizer, dataset, *, template: str = QA_T
 
 @torch.no_grad()
 def continuation_logprobs(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], *,
-                          batch_size: int = 16) -> list[float]:
+                          batch_size: int = 16, progress: bool = False) -> list[float]:
     """Sum of log p(continuation tokens | context) for each (context, continuation) pair.
 
     Context and continuation are tokenised separately and concatenated, so the scored tokens are
@@ -102,7 +102,7 @@ def continuation_logprobs(model: nn.Module, tokenizer, pairs: Sequence[tuple[str
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores: list[float] = []
-    for chunk in _chunks(list(pairs), batch_size):
+    for chunk in tqdm(list(_chunks(list(pairs), batch_size)), desc="scoring", disable=not progress):
         seqs, spans = [], []
         for context, continuation in chunk:
             ctx = tokenizer(context)["input_ids"]
@@ -140,9 +140,7 @@ def qa_loglik(model: nn.Module, tokenizer, dataset, *, distractors: int = 4, see
         prompt = qa_prompt(r["question"], template, shots)
         pairs.extend((prompt, " " + option) for option in options)
         sizes.append(len(options))
-    scores = []
-    for chunk in tqdm(list(_chunks(pairs, batch_size * 4)), desc="scoring", disable=not progress):
-        scores.extend(continuation_logprobs(model, tokenizer, chunk, batch_size=batch_size))
+    scores = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size, progress=progress)
     correct, gold, at = 0, 0.0, 0
     for size in sizes:
         group = scores[at:at + size]
@@ -160,14 +158,14 @@ def text_perplexity(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_
     """Perplexity of held-out ``texts`` (each scored on its own, padding masked)."""
     device = model_device(model)
     total, tokens = 0.0, 0
-    for chunk in tqdm(list(_chunks(list(texts), batch_size)), desc="perplexity", disable=not progress):
-        with padding_side(tokenizer, "right"):
+    with padding_side(tokenizer, "right"):
+        for chunk in tqdm(list(_chunks(list(texts), batch_size)), desc="perplexity", disable=not progress):
             enc = tokenizer(list(chunk), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-        keep = mask[:, 1:] * mask[:, :-1]
-        total += float((nll * keep).sum())
-        tokens += int(keep.sum())
+            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+            keep = mask[:, 1:] * mask[:, :-1]
+            total += float((nll * keep).sum())
+            tokens += int(keep.sum())
     return {"perplexity": perplexity(total, tokens), "nll": total / tokens if tokens else float("nan"),
             "tokens": tokens}
