@@ -1,0 +1,235 @@
+"""What the retention recipes (``recipes/*_kpm.py``) share: their YAML configs and flags, the
+calibration cache, and one method's run from build to report rows.
+
+A recipe owns what differs per model family (model loader, task and retention data, the loss,
+the evaluators, the calibration batches); this module owns the order of the steps, so every
+method and every recipe is compared the same way:
+
+    build adapters -> save init -> train (same rows, same steps) -> evaluate -> save adapter,
+    exported LoRA -> optional scale sweep -> report rows
+
+The base model is evaluated once, before any method: every method starts from outputs equal to
+the base model's (pinned by the tests), so "before" is the same for all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from .adapters import build_corda, build_record
+from .atomic import atomic_dir, atomic_file
+from .config import DECOMPOSING, CordaConfig
+from .covariance import CovarianceStore
+from .errors import CordaError
+from .interpolation import adapter_scale, initial_factors
+from .report import Run, Score, run_from_dict, run_to_dict
+from .resources import merge_overrides
+from .saving import export_lora, save_corda
+from .training import TrainConfig, train, trainable_parameters
+
+RECIPE_METHODS = ("lora", "pissa", "corda", "corda++", "milora")
+Scores = dict[str, tuple[str, float]]
+"""{benchmark: (metric, value)} as a recipe's evaluate(model) returns it; the task is one entry."""
+
+# flag -> (config key, type, help). Every flag defaults to None: "keep the YAML's value".
+FLAGS = {
+    "--model": ("model", str, "model name or path (default: the embedded model)"),
+    "--method": ("methods", str, "one of lora, pissa, corda, corda++ (milora also works)"),
+    "--methods": ("methods", str, "several, comma-separated, compared in one run (e.g. lora,corda,corda++)"),
+    "--mode": ("mode", str, "kpm (calibrate on what to keep) or ipm (calibrate on the task)"),
+    "--rank": ("rank", int, "adapter rank of every targeted module"),
+    "--budget": ("budget", int, "corda++: trainable-parameter budget (default: that of uniform --rank)"),
+    "--groups": ("groups", str, "comma-separated module groups to adapt, e.g. vision,projector,language"),
+    "--task": ("task", str, "the task to learn"),
+    "--retention": ("retention", str, "comma-separated retention benchmarks"),
+    "--calib-samples": ("calib_samples", int, "calibration rows (KPM: knowledge to keep; IPM: task rows)"),
+    "--steps": ("steps", int, "optimiser steps"),
+    "--lr": ("lr", float, "peak learning rate"),
+    "--seed": ("seed", int, "seeds data order, generated data and the LoRA init"),
+    "--output-dir": ("output_dir", str, "where results, adapters and checkpoints go"),
+}
+LIST_KEYS = ("methods", "groups", "retention")
+
+
+def parse_recipe(doc: str, config_path: str | Path, argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, dict]:
+    """Flags of every recipe; returns (args, config) with the YAML's values overridden by the flags
+    given (and by the YAML's ``smoke:`` section first, under ``--smoke``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(config_path), help="YAML config (default: %(default)s)")
+    for flag, (_, kind, text) in FLAGS.items():
+        parser.add_argument(flag, type=kind, default=None, help=text)
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    parser.add_argument("--dry-run", action="store_true", help="print what each method would adapt, then exit")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (for CI)")
+    parser.add_argument("--scale-sweep", action="store_true", help="also evaluate the trained adapter at scales 0..1")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for flag, (key, _, _) in FLAGS.items():  # --method and --methods both set "methods"
+        if getattr(args, flag[2:].replace("-", "_")) is not None:
+            overrides[key] = getattr(args, flag[2:].replace("-", "_"))
+    for key in LIST_KEYS:
+        if isinstance(overrides.get(key), str):
+            overrides[key] = [item.strip() for item in overrides[key].split(",") if item.strip()]
+    if args.scale_sweep:
+        overrides["scale_sweep"] = True
+    return args, load_recipe_config(args.config, smoke=args.smoke, overrides=overrides)
+
+
+def load_recipe_config(path: str | Path, *, smoke: bool = False, overrides: dict | None = None) -> dict:
+    """A recipe's YAML (minus its ``smoke:`` section), with that section merged in under ``smoke``
+    and then ``overrides`` on top; checks the methods."""
+    cfg = yaml.safe_load(Path(path).read_text())
+    smoke_part = cfg.pop("smoke", {}) or {}
+    if smoke:
+        cfg = merge_overrides(cfg, smoke_part)
+    cfg = merge_overrides(cfg, overrides or {})
+    unknown = [m for m in cfg["methods"] if m not in RECIPE_METHODS]
+    if unknown:
+        raise CordaError(f"unknown method(s) {unknown}; choose from {RECIPE_METHODS} (--methods lora,corda,corda++).")
+    if cfg.get("mode") not in ("kpm", "ipm"):
+        raise CordaError(f"mode must be kpm or ipm, got {cfg.get('mode')!r}.")
+    return cfg
+
+
+def train_config(cfg: dict) -> TrainConfig:
+    """The TrainConfig fields present in the recipe config (steps, lr, batch_size, ...)."""
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in cfg.items() if k in names})
+
+
+def corda_config(cfg: dict, method: str) -> CordaConfig:
+    """The CordaConfig of ``method`` under a recipe config: same targets, rank and scaling for all."""
+    kwargs = dict(method=method, r=cfg["rank"], alpha=cfg.get("alpha"), groups=cfg.get("groups"),
+                  target_modules=cfg.get("target_modules"), exclude_modules=cfg.get("exclude_modules"),
+                  group_ranks=cfg.get("group_ranks") or {})
+    kwargs.update(cfg.get("corda") or {})  # e.g. covariance_normalization, damping
+    if method in DECOMPOSING:
+        kwargs["mode"] = cfg["mode"]
+    if method == "corda++":
+        kwargs.update(budget=cfg.get("budget"), **(cfg.get("cordapp") or {}))
+    return CordaConfig(**kwargs)
+
+
+def calibrated_store(path: Path, model, make_batches: Callable[[], Any], *, resume: bool, cfg: dict | None = None,
+                     **kwargs) -> tuple[CovarianceStore, float]:
+    """(store, seconds): collect_covariances over ``make_batches()``, saved to ``path``; with
+    ``resume`` an existing file is loaded instead (refused if it belongs to another model).
+    ``cfg`` (a recipe config) limits the hooks to the modules the methods adapt (its groups,
+    target_modules, exclude_modules) and sets the number of random splits (calib_splits)."""
+    from .calibration import collect_covariances
+
+    if cfg is not None:
+        defaults = {"groups": cfg.get("groups"), "targets": cfg.get("target_modules"),
+                    "exclude": cfg.get("exclude_modules"), "splits": cfg.get("calib_splits", 1)}
+        kwargs = {**defaults, **kwargs}
+    if resume and path.is_file():
+        return CovarianceStore.load(path, model=model), 0.0
+    t0 = time.perf_counter()
+    store = collect_covariances(model, make_batches(), **kwargs)
+    seconds = time.perf_counter() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store.save(path)
+    return store, seconds
+
+
+def cached_scores(path: Path, evaluate: Callable[[], Scores], *, resume: bool) -> Scores:
+    """``evaluate()``, kept in ``path`` (JSON) so that ``--resume`` does not evaluate again."""
+    if resume and path.is_file():
+        return {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
+    scores = evaluate()
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(scores, indent=2))
+    return scores
+
+
+@dataclass
+class Recipe:
+    """What one recipe hands to :func:`run_method`: how to get a fresh model and how to train and
+    evaluate it. ``evaluate(model)`` returns Scores; ``task`` names the entry that is the task."""
+
+    name: str
+    cfg: dict
+    load_model: Callable[[], Any]
+    rows: Sequence[Any]
+    loss_fn: Callable[[Any, list[Any]], Any]
+    evaluate: Callable[[Any], Scores]
+    task: str
+    save_with: Any = None  # tokenizer / processor saved next to the residual
+
+
+def _run(recipe: Recipe, method: str, trainable: int, budget: int | None, before: Scores, after: Scores,
+         seconds: dict, scale: float | None = None) -> Run:
+    def score(name: str) -> Score:
+        metric, value = after[name]
+        return Score(metric, before[name][1], value)
+
+    cfg = recipe.cfg
+    return Run(method=method, mode=cfg["mode"] if method in DECOMPOSING else None,
+               rank=None if budget is not None else cfg["rank"], budget=budget, trainable_params=trainable,
+               task_name=recipe.task, task=score(recipe.task),
+               retention={k: score(k) for k in after if k != recipe.task}, seconds=seconds, scale=scale)
+
+
+def run_method(recipe: Recipe, method: str, store: CovarianceStore | None, before: Scores, out_dir: Path, *,
+               calibrate_seconds: float = 0.0, resume: bool = False, progress: bool = True) -> list[Run]:
+    """Build ``method``'s adapter on a fresh model, train it, evaluate it, save it; returns its
+    report rows (one, plus one per scale under ``scale_sweep``). Writes under ``out_dir/<method>``:
+    ``init/`` (save_corda at init: residual + adapter), ``adapter/`` (trained, loads on
+    ``init/residual``), ``lora/`` (plain LoRA for the original base), ``train_log.jsonl``,
+    ``checkpoints/`` and ``runs.json`` (this method's rows; ``resume`` reuses it)."""
+    cfg = recipe.cfg
+    out = Path(out_dir) / method.replace("+", "p")
+    done = out / "runs.json"
+    if resume and done.is_file():
+        return [run_from_dict(d) for d in json.loads(done.read_text())]
+    import torch
+
+    torch.manual_seed(cfg["seed"])  # lora's random A
+    seconds = {"calibrate": calibrate_seconds} if method in DECOMPOSING else {}
+    t0 = time.perf_counter()
+    peft_model = build_corda(recipe.load_model(), store if method in DECOMPOSING else None,
+                             corda_config(cfg, method), progress=progress)
+    seconds["build"] = time.perf_counter() - t0
+    save_corda(peft_model, out / "init", tokenizer=recipe.save_with, overwrite=True)
+    initial = initial_factors(peft_model)
+    record = build_record(peft_model)
+    budget = record.budget["budget"] if record is not None and record.budget else None
+    trainable = sum(p.numel() for p in trainable_parameters(peft_model).values())
+    fingerprint = {"method": method, "rank": cfg["rank"], "budget": budget, "trainable": trainable}
+    result = train(peft_model, recipe.rows, recipe.loss_fn, train_config(cfg), out, resume=resume,
+                   fingerprint=fingerprint, progress=progress)
+    seconds["train"] = result.seconds
+    t0 = time.perf_counter()
+    after = recipe.evaluate(peft_model)
+    seconds["eval"] = time.perf_counter() - t0
+    with atomic_dir(out / "adapter", overwrite=True) as tmp:
+        peft_model.save_pretrained(tmp)
+    export_lora(peft_model, out / "init" / "adapter", out / "lora", overwrite=True)
+    runs = [_run(recipe, method, trainable, budget, before, after, seconds)]
+    for t in cfg.get("scales", []) if cfg.get("scale_sweep") else []:
+        with adapter_scale(peft_model, initial, t):
+            runs.append(_run(recipe, method, trainable, budget, before, recipe.evaluate(peft_model), {}, scale=t))
+    with atomic_file(done) as tmp:
+        tmp.write_text(json.dumps([run_to_dict(r) for r in runs], indent=2))
+    return runs
+
+
+def results_table(runs: list[Run]) -> str:
+    """A plain-text table of the runs: task before -> after, each retention before -> after."""
+    from .report import format_score
+
+    names = list(dict.fromkeys(k for r in runs for k in r.retention))
+    head = ["method", "scale", "trainable", f"task ({runs[0].task_name})"] + names
+    lines = [head]
+    for r in runs:
+        lines.append([r.label, "" if r.scale is None else f"{r.scale:g}", f"{r.trainable_params:,}",
+                      format_score(r.task)] + [format_score(r.retention[n]) if n in r.retention else "" for n in names])
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines)

@@ -1,0 +1,113 @@
+"""Teach a LLaMA-style model a new skill with CorDA-KPM, and measure what it kept.
+
+    python recipes/llama_kpm.py                          # SmolLM2-135M: lora vs corda vs corda++ (KPM)
+    python recipes/llama_kpm.py --methods lora,corda --rank 32 --steps 200
+    python recipes/llama_kpm.py --model meta-llama/Llama-2-7b-hf --mode ipm
+    python recipes/llama_kpm.py --smoke                  # seconds, for CI
+
+Task: a generated skill the model cannot do yet ("Reverse the list: 4 7 1" -> "1 7 4"; exact
+match on held-out lists). Knowledge to keep: capitals of held-out countries (3-shot exact match)
+and the perplexity of their fact paragraphs. KPM calibrates on capital Q&A and fact paragraphs
+of *other* countries (the calibration split), so the adapter starts from the directions that
+carry the least of that knowledge; IPM calibrates on the task rows instead.
+
+Flow: evaluate the base model -> calibrate -> for each method: build, train (same rows, same
+steps), evaluate, save -> results.json / report.md / plot.png in --output-dir. Settings:
+recipes/configs/llama_kpm.yaml, each overridable by its flag (see --help).
+"""
+
+import os
+import random
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from corda_vl import plan, write_report
+from corda_vl.data import country_records, country_splits, knowledge_qa, knowledge_shots, padded_batches
+from corda_vl.data.countries import country_fact_texts
+from corda_vl.data.skills import skill_qa
+from corda_vl.eval.llm import QA_TEMPLATE, qa_exact_match, qa_prompt, text_perplexity
+from corda_vl.experiment import (Recipe, cached_scores, calibrated_store, corda_config, parse_recipe,
+                                 results_table, run_method)
+from corda_vl.losses import answer_batch, answer_loss
+from corda_vl.models import load_llama
+
+args, cfg = parse_recipe(__doc__, Path(__file__).parent / "configs" / "llama_kpm.yaml")
+out_dir = Path(cfg["output_dir"])
+torch.manual_seed(cfg["seed"])
+
+
+def load_model():
+    model, _ = load_llama(cfg["model"])
+    return model
+
+
+model, tokenizer = load_llama(cfg["model"])
+print(f"model: {cfg['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)")
+
+# --- data: the task to learn, the knowledge to keep, the knowledge that calibrates KPM --------
+task = skill_qa(cfg["task"], cfg["task_train_rows"], cfg["task_eval_rows"], seed=cfg["seed"])
+capitals = knowledge_qa(fields=("capital",), seed=cfg["seed"])
+held_out = capitals["eval"].shuffle(seed=cfg["seed"]).select(range(min(cfg["capital_questions"], len(capitals["eval"]))))
+shots = knowledge_shots(cfg["capital_shots"], "capital", seed=cfg["seed"])
+split_of = country_splits(cfg["seed"])
+facts = {r["name"]: text for r, text in zip(country_records(), country_fact_texts())}
+eval_facts = [facts[c] for c in held_out["country"]][: cfg["fact_texts"]]
+calib_qa = capitals["calibration"]
+known = [qa_prompt(q, QA_TEMPLATE) + f" {a}" for q, a in zip(calib_qa["question"], calib_qa["answer"])]
+known += [facts[name] for name in sorted(facts) if split_of.get(name) == "calibration"]
+known = random.Random(cfg["seed"]).sample(known, min(cfg["calib_samples"], len(known)))
+task_texts = [qa_prompt(q) + f" {a}" for q, a in zip(task["train"]["question"], task["train"]["answer"])]
+calib_texts = known if cfg["mode"] == "kpm" else task_texts[: cfg["calib_samples"]]
+
+
+def evaluate(m):
+    """{benchmark: (metric, value)}: the task and each retention benchmark."""
+    scores = {cfg["task"]: ("em", qa_exact_match(m, tokenizer, task["eval"], batch_size=cfg["eval_batch_size"],
+                                                 progress=False)["exact_match"])}
+    if "capitals" in cfg["retention"]:
+        em = qa_exact_match(m, tokenizer, held_out, shots=shots, batch_size=cfg["eval_batch_size"], progress=False)
+        scores["capitals"] = ("em", em["exact_match"])
+    if "facts" in cfg["retention"]:
+        scores["facts"] = ("perplexity", text_perplexity(m, tokenizer, eval_facts, progress=False)["perplexity"])
+    return scores
+
+
+def loss_fn(m, rows):
+    inputs, targets = answer_batch(tokenizer, [qa_prompt(r["question"]) for r in rows], [r["answer"] for r in rows])
+    return answer_loss(m, inputs, targets)
+
+
+# --- calibrate once; every CorDA method reads the same store ----------------------------------
+needs_store = any(m in ("corda", "corda++") for m in cfg["methods"])
+store, calib_s = None, 0.0
+if needs_store:
+    store, calib_s = calibrated_store(
+        out_dir / f"covariances_{cfg['mode']}.safetensors", model,
+        lambda: padded_batches(tokenizer, calib_texts, batch_size=cfg["calib_batch_size"]),
+        resume=args.resume, cfg=cfg)
+    print(f"calibrated ({cfg['mode']}) on {len(calib_texts)} texts in {calib_s:.1f} s: "
+          f"{len(store.modules)} modules, {len(store.sums)} covariances")
+
+if args.dry_run:
+    for method in cfg["methods"]:
+        print(f"\n== {method} ==\n{plan(model, corda_config(cfg, method), store)}")
+    raise SystemExit(0)
+
+# --- evaluate the base once, then each method from a fresh copy --------------------------------
+t0 = time.perf_counter()
+before = cached_scores(out_dir / "before.json", lambda m=model: evaluate(m), resume=args.resume)
+print(f"base model ({time.perf_counter() - t0:.0f} s): " + ", ".join(f"{k} {m} {v:.3g}" for k, (m, v) in before.items()))
+del model  # each method loads a fresh copy
+recipe = Recipe("llama_kpm", cfg, load_model, task["train"], loss_fn, evaluate, cfg["task"], save_with=tokenizer)
+runs = []
+for method in cfg["methods"]:
+    print(f"\n== {method} ==")
+    runs += run_method(recipe, method, store, before, out_dir, calibrate_seconds=calib_s, resume=args.resume)
+
+paths = write_report(out_dir, "llama_kpm", cfg["model"], runs)
+print("\n" + results_table(runs))
+print(f"\nwrote {', '.join(str(p) for p in paths.values())}; adapters under {out_dir}/<method>/")
