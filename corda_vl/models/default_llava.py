@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_dir
-from ..eval.llm import padding_side
+from ..losses import answer_batch, answer_loss
 from ..errors import CordaError
 from ..resources import load_json_asset, merge_overrides
 from .cache import BUILD_RECORD, built_from, model_dir
@@ -79,21 +79,6 @@ def assemble_llava(clip_dir: str | Path, lm, tokenizer, recipe: dict, seed: int 
     return model.eval(), processor
 
 
-def _answer_batch(processor, rows: list[dict], template: str) -> tuple[dict, torch.Tensor]:
-    """Left-padded inputs "prompt answer</s>" and the answer token ids at the end of each row (the
-    loss only reads those, so only the last positions' logits are computed)."""
-    tok = processor.tokenizer
-    texts = [template.format(question=r["question"]) + " " + r["answer"] + tok.eos_token for r in rows]
-    with padding_side(tok, "left"):
-        inputs = dict(processor(text=texts, images=[r["image"] for r in rows], return_tensors="pt", padding=True))
-    lengths = [len(tok(" " + r["answer"] + tok.eos_token, add_special_tokens=False)["input_ids"]) for r in rows]
-    keep = max(lengths)
-    targets = inputs["input_ids"][:, -keep:].clone()
-    for i, n in enumerate(lengths):
-        targets[i, : keep - n] = -100  # prompt tokens inside the kept window
-    return inputs, targets
-
-
 def train_projector(model, processor, rows: list[dict], recipe: dict, progress: bool = True) -> list[float]:
     """Stage 1: only the projector learns, from the answer tokens' cross-entropy."""
     from tqdm.auto import tqdm
@@ -117,9 +102,9 @@ def train_projector(model, processor, rows: list[dict], recipe: dict, progress: 
             group["lr"] = train["lr"] * warm * cosine
         start = step * train["batch_size"] % len(order)
         batch = [rows[order[(start + i) % len(order)]] for i in range(train["batch_size"])]
-        inputs, targets = _answer_batch(processor, batch, recipe["template"])
-        logits = model(**inputs, logits_to_keep=targets.shape[1] + 1).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100)
+        inputs, targets = answer_batch(processor.tokenizer, [recipe["template"].format(question=r["question"]) for r in batch],
+                                       [r["answer"] for r in batch], processor=processor, images=[r["image"] for r in batch])
+        loss = answer_loss(model, inputs, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, train["grad_clip_norm"])
