@@ -32,8 +32,10 @@ class _StopForward(Exception):
 
 
 class _Collector:
-    def __init__(self, targets: list[Target], source: str, dtype: torch.dtype, offload: bool, stop_early: bool):
+    def __init__(self, targets: list[Target], source: str, dtype: torch.dtype, offload: bool, stop_early: bool,
+                 sample_scale: str = "none"):
         self.targets = {t.name: t for t in targets}
+        self.sample_scale = sample_scale
         self.source = source
         self.split: str | None = None
         self.dtype = dtype
@@ -82,7 +84,7 @@ class _Collector:
     def _accumulate(self, name: str, x: torch.Tensor) -> None:
         group = self.targets[name].group
         for suffix, mask in self.routes.get(group, {"": None}).items():
-            rows = self._rows(name, x, mask)
+            rows = self._rows(name, _max_scaled(x, mask) if self.sample_scale == "max" else x, mask)
             if rows.shape[0] == 0:  # e.g. no image tokens in a text-only batch
                 continue
             # modality parts first, splits below them: calib/image/split0 keeps calib/image whole
@@ -110,6 +112,18 @@ class _Collector:
             if not bool(mask.all()):  # indexing copies: skip it when nothing is masked
                 x = x[mask.to(x.device)]
         return x.reshape(-1, x.shape[-1])
+
+
+def _max_scaled(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Each sample (batch row) divided by |max| of its (unmasked) activations: PEFT's CorDA hook,
+    which weights every sample by 1 / max^2 (it runs batch size 1 and divides by the max)."""
+    if x.dim() < 3:
+        return x / x.max().abs().clamp_min(torch.finfo(x.dtype).tiny)
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])
+    if mask is not None:
+        flat = flat.masked_fill(~mask.reshape(x.shape[0], -1, 1).to(x.device), float("-inf"))
+    peak = flat.amax(dim=(1, 2)).abs().clamp_min(torch.finfo(x.dtype).tiny)
+    return x / peak.reshape(-1, *([1] * (x.dim() - 1)))
 
 
 def _split_names(splits: int):
@@ -144,6 +158,7 @@ def collect_covariances(
     dtype: torch.dtype = torch.float32,
     offload: bool = False,
     stop_early: bool = True,
+    sample_scale: str = "none",
     progress: bool = True,
     family: Family | None = None,
 ) -> CovarianceStore:
@@ -164,13 +179,18 @@ def collect_covariances(
         dtype: accumulation dtype (float32 default; float64 for very long calibrations).
         offload: keep the sums on CPU instead of each module's device.
         stop_early: stop each forward once every target has seen its input (skips the LM head).
+        sample_scale: "none" sums x x^T over all tokens (the default); "max" first divides each
+            sample (batch row) by the |max| of its activations, as PEFT's ``preprocess_corda``
+            does (for comparisons: it weights samples by 1 / max^2, see README).
         progress: show a tqdm bar.
     """
     family = family or detect_family(model)
     resolved = resolve_targets(model, family, groups, targets, exclude)
     if not isinstance(splits, int) or splits < 1:
         raise CalibrationError(f"splits={splits!r} must be a positive integer.")
-    collector = _Collector(resolved, source, dtype, offload, stop_early)
+    if sample_scale not in ("none", "max"):
+        raise CalibrationError(f"sample_scale={sample_scale!r} must be 'none' or 'max'.")
+    collector = _Collector(resolved, source, dtype, offload, stop_early, sample_scale)
     deal = _split_names(splits)
     device = _input_device(model)
     handles = [t.module.register_forward_pre_hook(collector.hook(t.name)) for t in resolved]

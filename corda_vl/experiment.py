@@ -98,6 +98,14 @@ def load_recipe_config(path: str | Path, *, smoke: bool = False, overrides: dict
     return cfg
 
 
+def recipe_device(cfg: dict) -> str:
+    """The config's ``device``; "auto" (the default) is cuda when a GPU is visible, else cpu."""
+    import torch
+
+    device = cfg.get("device", "auto")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 def train_config(cfg: dict) -> TrainConfig:
     """The TrainConfig fields present in the recipe config (steps, lr, batch_size, ...)."""
     names = {f.name for f in fields(TrainConfig)}
@@ -122,12 +130,14 @@ def calibrated_store(path: Path, model, make_batches: Callable[[], Any], *, resu
     """(store, seconds): collect_covariances over ``make_batches()``, saved to ``path``; with
     ``resume`` an existing file is loaded instead (refused if it belongs to another model).
     ``cfg`` (a recipe config) limits the hooks to the modules the methods adapt (its groups,
-    target_modules, exclude_modules) and sets the number of random splits (calib_splits)."""
+    target_modules, exclude_modules) and sets the number of random splits (calib_splits) and the
+    per-sample weighting (calib_sample_scale)."""
     from .calibration import collect_covariances
 
     if cfg is not None:
         defaults = {"groups": cfg.get("groups"), "targets": cfg.get("target_modules"),
-                    "exclude": cfg.get("exclude_modules"), "splits": cfg.get("calib_splits", 1)}
+                    "exclude": cfg.get("exclude_modules"), "splits": cfg.get("calib_splits", 1),
+                    "sample_scale": cfg.get("calib_sample_scale", "none")}
         kwargs = {**defaults, **kwargs}
     if resume and path.is_file():
         return CovarianceStore.load(path, model=model), 0.0

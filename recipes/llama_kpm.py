@@ -31,7 +31,7 @@ from corda_vl.data.countries import country_fact_texts
 from corda_vl.data.skills import skill_qa
 from corda_vl.eval.llm import QA_TEMPLATE, qa_exact_match, qa_prompt, text_perplexity
 from corda_vl.experiment import (Recipe, cached_scores, calibrated_store, corda_config, parse_recipe,
-                                 results_table, run_method)
+                                 recipe_device, results_table, run_method)
 from corda_vl.losses import answer_batch, answer_loss
 from corda_vl.models import load_llama
 
@@ -41,11 +41,10 @@ torch.manual_seed(cfg["seed"])
 
 
 def load_model():
-    model, _ = load_llama(cfg["model"])
-    return model
+    return load_llama(cfg["model"], device=recipe_device(cfg))[0]
 
 
-model, tokenizer = load_llama(cfg["model"])
+model, tokenizer = load_llama(cfg["model"], device=recipe_device(cfg))
 print(f"model: {cfg['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)")
 
 # --- data: the task to learn, the knowledge to keep, the knowledge that calibrates KPM --------

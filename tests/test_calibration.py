@@ -25,6 +25,25 @@ def test_covariance_equals_direct_computation(llama, batches):
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_max_sample_scale_weights_each_sample_like_peft(llama):
+    """PEFT's hook divides each (batch size 1) sample's input by |max| of it; padded batches of 4 give
+    the same store, padding excluded from the max as from the sums."""
+    padded = text_batches(n_batches=1, batch_size=4, pad=True)[0]
+    store = collect_covariances(llama, [padded], sample_scale="max", progress=False)
+    name = "model.layers.1.mlp.down_proj"
+    (x,) = module_inputs(llama, name, lambda m, b: m(**b), [padded])
+    expected = 0
+    for row in range(4):
+        xi = x[row][padded["attention_mask"][row].bool()]
+        xi = xi / xi.max().abs()
+        expected = expected + xi.T @ xi
+    torch.testing.assert_close(store.sum(name), expected, rtol=1e-5, atol=1e-6)
+    plain = collect_covariances(llama, [padded], progress=False)
+    assert store.counts == plain.counts and not torch.allclose(store.sum(name), plain.sum(name))
+    with pytest.raises(CalibrationError, match="sample_scale"):
+        collect_covariances(llama, [padded], sample_scale="l2", progress=False)
+
+
 def test_batch_size_one_equals_padded_batch_of_four(llama):
     padded = text_batches(n_batches=1, batch_size=4, pad=True)[0]
     singles = []
