@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from .allocation import allocate_layers, analyse_layers
 from .config import DECOMPOSING, CordaConfig
 from .covariance import CovarianceStore
-from .decompose import context_share, corda_factors, damp_covariance, factors_from, identity_covariance, residual_weight
+from .decompose import (balance_factors, context_share, corda_factors, damp_covariance, factors_from,
+                        identity_covariance, residual_weight)
 from .errors import CordaError, DecompositionError, TargetError
 from .families import detect_family
 from .families.base import Family
@@ -142,6 +143,7 @@ def _decompose_all(
                 A, B, triplets = corda_factors(t.module.weight.detach(), cov, r, mode, s, config.svd, config.lowrank_niter)
             except (DecompositionError, torch.linalg.LinAlgError) as exc:
                 raise DecompositionError(f"module {t.name!r}: {exc}") from exc
+            A, B = balance_factors(A, B, config.factor_balance)
             keep = torch.float64 if t.module.weight.dtype == torch.float64 else torch.float32
             factors[t.name] = (A.to(keep), B.to(keep))
             info[t.name].update(input=key, mode=mode, damping=cov.damping, tokens=tokens,
@@ -163,7 +165,7 @@ def _decompose_allocated(
         t, r = choice.target, ranks[name]
         scaling = config.scaling_for(name, t.group)  # alpha / r kept constant: alpha_l = s * r_l
         parts = choice.components_for(r)
-        A, B = factors_from(parts, scaling)
+        A, B = balance_factors(*factors_from(parts, scaling), config.factor_balance)
         keep = torch.float64 if t.module.weight.dtype == torch.float64 else torch.float32
         factors[name] = (A.to(keep), B.to(keep))
         info[name] = {**_module_info(t, config), "rank": r, "alpha": scaling * r, "nominal_rank": choice.nominal,

@@ -121,6 +121,13 @@ class CordaConfig:
         "as collected (original CorDA; the A/B balance then depends on that scale).",
         default="mean_diag",
     )
+    factor_balance: str = _help(
+        "How each component's singular value is split between A and B: 'sigma' (sqrt(sigma) on "
+        "both sides, the paper's split) or 'norm' (rescaled so that ||A_i|| = ||B_i||; B A and "
+        "the model at init are unchanged, but Adam's step size on B A is LoRA-like instead of "
+        "scaled by the large norm C'^{-1} gives A; see README 'KPM and the factor balance').",
+        default="sigma",
+    )
     decompose_dtype: str = _help(
         "dtype of the exact decomposition path and of the Rayleigh-Ritz check ('float64' or "
         "'float32'); results are cast to the weight dtype at the end.",
@@ -150,6 +157,8 @@ class CordaConfig:
             raise CordaError(f"r={self.r!r} must be a positive integer.")
         if self.alpha is not None and self.alpha <= 0:
             raise CordaError(f"alpha={self.alpha!r} must be positive (or None for alpha = r).")
+        if self.factor_balance not in ("sigma", "norm"):
+            raise CordaError(f"factor_balance={self.factor_balance!r} must be 'sigma' or 'norm'.")
         if self.covariance_normalization not in NORMALIZATIONS:
             raise CordaError(
                 f"covariance_normalization={self.covariance_normalization!r} is not one of "

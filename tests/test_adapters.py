@@ -25,6 +25,28 @@ def test_logits_unchanged_at_init_fp32(llama, batches, store, mode):
     assert layer.scaling["default"] == 2.0
 
 
+@pytest.mark.parametrize("method", ["corda", "corda++"])
+def test_norm_balanced_factors_keep_the_model_and_the_subspaces(batches, method):
+    """factor_balance='norm' only moves each component's scale between A and B: outputs unchanged at
+    init, same B A, same row space of A, and ||A_i|| = ||B_i||."""
+    built = {}
+    for balance in ("sigma", "norm"):
+        model = tiny_llama()
+        store = collect_covariances(model, batches, splits=2, progress=False)
+        ref = logits(model, batches[0])
+        built[balance] = build_corda(model, store, CordaConfig(method=method, r=4, factor_balance=balance), progress=False)
+        torch.testing.assert_close(logits(built[balance], batches[0]), ref, atol=2e-5, rtol=0)
+    name = "model.layers.1.self_attn.q_proj"
+    sigma, norm = (built[b].get_base_model().get_submodule(name) for b in ("sigma", "norm"))
+    (A1, B1), (A2, B2) = ((m.lora_A["default"].weight.double(), m.lora_B["default"].weight.double()) for m in (sigma, norm))
+    torch.testing.assert_close(B2 @ A2, B1 @ A1, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(A2.norm(dim=1), B2.norm(dim=0), atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(A1.norm(dim=1), B1.norm(dim=0), rtol=1e-2)  # the paper's split is unbalanced
+    torch.testing.assert_close(A2 / A2.norm(dim=1, keepdim=True), A1 / A1.norm(dim=1, keepdim=True), atol=1e-5, rtol=0)
+    with pytest.raises(CordaError, match="factor_balance"):
+        CordaConfig(factor_balance="mean")
+
+
 @pytest.mark.parametrize("mode", ["kpm", "ipm"])
 def test_logits_unchanged_at_init_bf16(batches, mode):
     model = tiny_llama(dtype=torch.bfloat16)
