@@ -239,6 +239,40 @@ def run_method(recipe: Recipe, method: str, store: CovarianceStore | None, befor
     return runs
 
 
+def print_plans(model, cfg: dict, store: CovarianceStore | None) -> None:
+    """--dry-run: what each method would adapt (module, rank, covariance), nothing built."""
+    from .plan import plan
+
+    for method in cfg["methods"]:
+        print(f"\n== {method} ==\n{plan(model, corda_config(cfg, method), store)}")
+
+
+def base_scores(evaluate: Callable[[Any], Scores], model, out_dir: Path, *, resume: bool) -> Scores:
+    """The base model's scores, once for every method (kept in before.json for --resume)."""
+    t0 = time.perf_counter()
+    before = cached_scores(Path(out_dir) / "before.json", lambda: evaluate(model), resume=resume)
+    print(f"base model ({time.perf_counter() - t0:.0f} s): "
+          + ", ".join(f"{k} {metric} {value:.3g}" for k, (metric, value) in before.items()))
+    return before
+
+
+def compare_methods(recipe: Recipe, store: CovarianceStore | None, before: Scores, out_dir: Path, *,
+                    calibrate_seconds: float = 0.0, resume: bool = False) -> list[Run]:
+    """:func:`run_method` for every method of the config, then the report and a printed table."""
+    runs = []
+    for method in recipe.cfg["methods"]:
+        print(f"\n== {method} ==")
+        new = run_method(recipe, method, store, before, out_dir, calibrate_seconds=calibrate_seconds, resume=resume)
+        print(", ".join(f"{stage} {s:.0f} s" for stage, s in new[0].seconds.items()))
+        runs += new
+    from .report import write_report
+
+    paths = write_report(out_dir, recipe.name, recipe.cfg["model"], runs)
+    print("\n" + results_table(runs))
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}; adapters under {out_dir}/<method>/")
+    return runs
+
+
 def results_table(runs: list[Run]) -> str:
     """A plain-text table of the runs: task before -> after, each retention before -> after."""
     from .report import format_score

@@ -27,11 +27,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from corda_vl import CordaError, plan, write_report
+from corda_vl import CordaError
 from corda_vl.data import colors, digits, letters, shapes
 from corda_vl.eval.clip import clip_encoder, zero_shot_eval, zero_shot_templates
-from corda_vl.experiment import (Recipe, cached_scores, calibrated_store, corda_config, parse_recipe,
-                                 recipe_device, results_table, run_method)
+from corda_vl.experiment import (Recipe, base_scores, calibrated_store, compare_methods, parse_recipe,
+                                 print_plans, recipe_device)
 from corda_vl.losses import clip_class_loss
 from corda_vl.models import load_clip
 
@@ -130,23 +130,11 @@ if needs_store:
           f"{calib_s:.1f} s: {len(store.modules)} modules, {len(store.sums)} covariances")
 
 if args.dry_run:
-    for method in cfg["methods"]:
-        print(f"\n== {method} ==\n{plan(model, corda_config(cfg, method), store)}")
+    print_plans(model, cfg, store)
     raise SystemExit(0)
 
 # --- evaluate the base once, then each method from a fresh copy --------------------------------
-t0 = time.perf_counter()
-before = cached_scores(out_dir / "before.json", lambda m=model: evaluate(m), resume=args.resume)
-print(f"base model ({time.perf_counter() - t0:.0f} s): " + ", ".join(f"{k} {m} {v:.3g}" for k, (m, v) in before.items()))
+before = base_scores(evaluate, model, out_dir, resume=args.resume)
 del model  # each method loads a fresh copy
 recipe = Recipe("clip_kpm", cfg, load_model, rows, loss_fn, evaluate, cfg["task"], save_with=tokenizer)
-runs = []
-for method in cfg["methods"]:
-    print(f"\n== {method} ==")
-    method_runs = run_method(recipe, method, store, before, out_dir, calibrate_seconds=calib_s, resume=args.resume)
-    print(", ".join(f"{stage} {s:.1f} s" for stage, s in method_runs[0].seconds.items()))
-    runs += method_runs
-
-paths = write_report(out_dir, "clip_kpm", cfg["model"], runs)
-print("\n" + results_table(runs))
-print(f"\nwrote {', '.join(str(p) for p in paths.values())}; adapters under {out_dir}/<method>/")
+compare_methods(recipe, store, before, out_dir, calibrate_seconds=calib_s, resume=args.resume)

@@ -18,20 +18,18 @@ recipes/configs/llama_kpm.yaml, each overridable by its flag (see --help).
 
 import os
 import random
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from corda_vl import plan, write_report
 from corda_vl.data import country_records, country_splits, knowledge_qa, knowledge_shots, padded_batches
 from corda_vl.data.countries import country_fact_texts
 from corda_vl.data.skills import skill_qa
 from corda_vl.eval.llm import QA_TEMPLATE, qa_exact_match, qa_prompt, text_perplexity
-from corda_vl.experiment import (Recipe, cached_scores, calibrated_store, corda_config, parse_recipe,
-                                 recipe_device, results_table, run_method)
+from corda_vl.experiment import (Recipe, base_scores, calibrated_store, compare_methods, parse_recipe,
+                                 print_plans, recipe_device)
 from corda_vl.losses import answer_batch, answer_loss
 from corda_vl.models import load_llama
 
@@ -92,21 +90,11 @@ if needs_store:
           f"{len(store.modules)} modules, {len(store.sums)} covariances")
 
 if args.dry_run:
-    for method in cfg["methods"]:
-        print(f"\n== {method} ==\n{plan(model, corda_config(cfg, method), store)}")
+    print_plans(model, cfg, store)
     raise SystemExit(0)
 
 # --- evaluate the base once, then each method from a fresh copy --------------------------------
-t0 = time.perf_counter()
-before = cached_scores(out_dir / "before.json", lambda m=model: evaluate(m), resume=args.resume)
-print(f"base model ({time.perf_counter() - t0:.0f} s): " + ", ".join(f"{k} {m} {v:.3g}" for k, (m, v) in before.items()))
+before = base_scores(evaluate, model, out_dir, resume=args.resume)
 del model  # each method loads a fresh copy
 recipe = Recipe("llama_kpm", cfg, load_model, task["train"], loss_fn, evaluate, cfg["task"], save_with=tokenizer)
-runs = []
-for method in cfg["methods"]:
-    print(f"\n== {method} ==")
-    runs += run_method(recipe, method, store, before, out_dir, calibrate_seconds=calib_s, resume=args.resume)
-
-paths = write_report(out_dir, "llama_kpm", cfg["model"], runs)
-print("\n" + results_table(runs))
-print(f"\nwrote {', '.join(str(p) for p in paths.values())}; adapters under {out_dir}/<method>/")
+compare_methods(recipe, store, before, out_dir, calibrate_seconds=calib_s, resume=args.resume)

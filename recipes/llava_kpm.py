@@ -1,0 +1,141 @@
+"""Teach a LLaVA a new kind of visual question with CorDA-KPM, and measure what it kept.
+
+    python recipes/llava_kpm.py                          # the default LLaVA: lora vs corda vs corda++ (KPM)
+    python recipes/llava_kpm.py --methods lora,corda --rank 32 --steps 120
+    python recipes/llava_kpm.py --groups vision,projector,language --mode ipm
+    python recipes/llava_kpm.py --task describe          # "describe the shape." -> "red circle"
+    python recipes/llava_kpm.py --smoke                  # about a minute, for CI
+
+Model: the embedded default LLaVA (corda-vl-llava: the default CLIP's ViT + a projector trained on
+easy-VQA + SmolLM2-135M-Instruct), built and cached on first use; --model takes another LLaVA
+folder (set `template` in the YAML to its prompt format).
+Task: a question type about easy-VQA's pictures that easy-VQA never asks ("how many corners does
+the shape have?" -> circle "0", triangle "3", rectangle "4"; VQA accuracy on held-out images).
+Knowledge to keep: easy-VQA itself (accuracy on held-out questions) and, text only through the
+same model, capitals of held-out countries (3-shot exact match). KPM calibrates on easy-VQA train
+questions + answers with their images (the vision tower sees the pictures; the language layers see
+image tokens and text tokens, kept apart as calib/image and calib/text, between which corda++
+chooses per layer) and on capital Q&A and fact paragraphs of *other* countries; IPM calibrates on
+the task rows instead.
+
+Flow: evaluate the base model -> calibrate -> for each method: build, train (same rows, same
+steps), evaluate, save -> results.json / report.md / plot.png in --output-dir. Settings:
+recipes/configs/llava_kpm.yaml, each overridable by its flag (see --help).
+"""
+
+import os
+import random
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from corda_vl.data import (country_records, country_splits, easy_vqa, knowledge_qa, knowledge_shots, padded_batches,
+                           vqa_skill)
+from corda_vl.data.countries import country_fact_texts
+from corda_vl.eval.llm import QA_TEMPLATE, padding_side, qa_exact_match, qa_prompt
+from corda_vl.eval.vlm import vqa_accuracy
+from corda_vl.experiment import (Recipe, base_scores, calibrated_store, compare_methods, parse_recipe,
+                                 print_plans, recipe_device)
+from corda_vl.losses import answer_batch, answer_loss
+from corda_vl.models.default_llava import load_llava
+
+args, cfg = parse_recipe(__doc__, Path(__file__).parent / "configs" / "llava_kpm.yaml")
+out_dir = Path(cfg["output_dir"])
+torch.manual_seed(cfg["seed"])
+template = cfg["template"]
+
+
+def load_model():
+    return load_llava(cfg["model"], device=recipe_device(cfg))[0]
+
+
+model, processor = load_llava(cfg["model"], device=recipe_device(cfg))
+tokenizer = processor.tokenizer
+print(f"model: {cfg['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)")
+
+
+def sample(rows, n, seed=cfg["seed"]):
+    """A seeded subset of a datasets.Dataset, in its own order (images stay lazy)."""
+    return rows if n >= len(rows) else rows.select(sorted(random.Random(seed).sample(range(len(rows)), n)))
+
+
+# --- data: the task to learn, the knowledge to keep, the knowledge that calibrates KPM --------
+task = vqa_skill(cfg["task"], cfg["task_train_rows"], cfg["task_eval_rows"], seed=cfg["seed"])
+vqa = easy_vqa(seed=cfg["seed"])
+vqa_held_out = sample(vqa["eval"], cfg["vqa_questions"])
+capitals = knowledge_qa(fields=("capital",), seed=cfg["seed"])
+held_out = capitals["eval"].shuffle(seed=cfg["seed"]).select(range(min(cfg["capital_questions"], len(capitals["eval"]))))
+shots = knowledge_shots(cfg["capital_shots"], "capital", seed=cfg["seed"])
+split_of = country_splits(cfg["seed"])
+facts = {r["name"]: text for r, text in zip(country_records(), country_fact_texts())}
+calib_qa = capitals["calibration"]
+known = [qa_prompt(q, QA_TEMPLATE) + f" {a}" for q, a in zip(calib_qa["question"], calib_qa["answer"])]
+known += [facts[name] for name in sorted(facts) if split_of.get(name) == "calibration"]
+known = random.Random(cfg["seed"]).sample(known, min(cfg["calib_samples"], len(known)))
+calib_rows = sample(vqa["train"] if cfg["mode"] == "kpm" else task["train"], cfg["calib_samples"])
+
+
+def image_batches(rows, size):
+    """Processor batches of "template answer" with each row's image (right padding: calibration
+    drops the padding through the attention mask)."""
+    out = []
+    for i in range(0, len(rows), size):
+        chunk = rows[i:i + size]
+        texts = [template.format(question=q) + f" {a}" for q, a in zip(chunk["question"], chunk["answer"])]
+        with padding_side(tokenizer, "right"):
+            out.append(dict(processor(text=texts, images=chunk["image"], return_tensors="pt", padding=True)))
+    return out
+
+
+def calibration_batches():
+    """KPM: easy-VQA Q&A with images, then text-only capital Q&A / fact paragraphs; IPM: task rows."""
+    batches = image_batches(calib_rows, cfg["calib_batch_size"])
+    if cfg["mode"] == "kpm":
+        with padding_side(tokenizer, "right"):
+            batches += padded_batches(tokenizer, known, batch_size=cfg["calib_batch_size"])
+    return batches
+
+
+def evaluate(m):
+    """{benchmark: (metric, value)}: the task and each retention benchmark."""
+    def accuracy(rows):
+        return vqa_accuracy(m, processor, rows, template=template, max_new_tokens=cfg["vqa_new_tokens"],
+                            batch_size=cfg["eval_batch_size"], progress=False)["vqa_accuracy"]
+
+    scores = {cfg["task"]: ("accuracy", accuracy(task["eval"]))}
+    if "easy_vqa" in cfg["retention"]:
+        scores["easy_vqa"] = ("accuracy", accuracy(vqa_held_out))
+    if "capitals" in cfg["retention"]:
+        em = qa_exact_match(m, tokenizer, held_out, shots=shots, batch_size=cfg["eval_batch_size"], progress=False)
+        scores["capitals"] = ("em", em["exact_match"])
+    return scores
+
+
+def loss_fn(m, rows):
+    inputs, targets = answer_batch(tokenizer, [template.format(question=r["question"]) for r in rows],
+                                   [r["answer"] for r in rows], processor=processor, images=[r["image"] for r in rows])
+    return answer_loss(m, inputs, targets)
+
+
+# --- calibrate once (the modules the methods adapt); every CorDA method reads the same store ----
+needs_store = any(m in ("corda", "corda++") for m in cfg["methods"])
+store, calib_s = None, 0.0
+if needs_store:
+    groups = "+".join(cfg["groups"] or ["language"])
+    store, calib_s = calibrated_store(out_dir / f"covariances_{cfg['mode']}_{groups}.safetensors", model,
+                                      calibration_batches, resume=args.resume, cfg=cfg)
+    print(f"calibrated ({cfg['mode']}) on {len(calib_rows)} image rows"
+          f"{f' + {len(known)} texts' if cfg['mode'] == 'kpm' else ''} in {calib_s:.1f} s: "
+          f"{len(store.modules)} modules, sources {', '.join(store.sources)}")
+
+if args.dry_run:
+    print_plans(model, cfg, store)
+    raise SystemExit(0)
+
+# --- evaluate the base once, then each method from a fresh copy --------------------------------
+before = base_scores(evaluate, model, out_dir, resume=args.resume)
+del model  # each method loads a fresh copy
+recipe = Recipe("llava_kpm", cfg, load_model, task["train"], loss_fn, evaluate, cfg["task"], save_with=processor)
+compare_methods(recipe, store, before, out_dir, calibrate_seconds=calib_s, resume=args.resume)
