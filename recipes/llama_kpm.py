@@ -17,17 +17,17 @@ recipes/configs/llama_kpm.yaml, each overridable by its flag (see --help).
 """
 
 import os
-import random
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from corda_vl.data import country_records, country_splits, knowledge_qa, knowledge_shots, padded_batches
+from corda_vl.data import (country_records, knowledge_calibration_texts, knowledge_qa, knowledge_shots,
+                           padded_batches)
 from corda_vl.data.countries import country_fact_texts
 from corda_vl.data.skills import skill_qa
-from corda_vl.eval.llm import QA_TEMPLATE, qa_exact_match, qa_prompt, text_perplexity
+from corda_vl.eval.llm import qa_exact_match, qa_prompt, text_perplexity
 from corda_vl.experiment import (Recipe, base_scores, calibrated_store, compare_methods, parse_recipe,
                                  print_plans, recipe_device)
 from corda_vl.losses import answer_batch, answer_loss
@@ -50,13 +50,9 @@ task = skill_qa(cfg["task"], cfg["task_train_rows"], cfg["task_eval_rows"], seed
 capitals = knowledge_qa(fields=("capital",), seed=cfg["seed"])
 held_out = capitals["eval"].shuffle(seed=cfg["seed"]).select(range(min(cfg["capital_questions"], len(capitals["eval"]))))
 shots = knowledge_shots(cfg["capital_shots"], "capital", seed=cfg["seed"])
-split_of = country_splits(cfg["seed"])
 facts = {r["name"]: text for r, text in zip(country_records(), country_fact_texts())}
 eval_facts = [facts[c] for c in held_out["country"]][: cfg["fact_texts"]]
-calib_qa = capitals["calibration"]
-known = [qa_prompt(q, QA_TEMPLATE) + f" {a}" for q, a in zip(calib_qa["question"], calib_qa["answer"])]
-known += [facts[name] for name in sorted(facts) if split_of.get(name) == "calibration"]
-known = random.Random(cfg["seed"]).sample(known, min(cfg["calib_samples"], len(known)))
+known = knowledge_calibration_texts(cfg["calib_samples"], seed=cfg["seed"])
 task_texts = [qa_prompt(q) + f" {a}" for q, a in zip(task["train"]["question"], task["train"]["answer"])]
 calib_texts = known if cfg["mode"] == "kpm" else task_texts[: cfg["calib_samples"]]
 

@@ -31,10 +31,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from corda_vl.data import (country_records, country_splits, easy_vqa, knowledge_qa, knowledge_shots, padded_batches,
-                           vqa_skill)
-from corda_vl.data.countries import country_fact_texts
-from corda_vl.eval.llm import QA_TEMPLATE, padding_side, qa_exact_match, qa_prompt
+from corda_vl.data import easy_vqa, knowledge_calibration_texts, knowledge_qa, knowledge_shots, padded_batches, vqa_skill
+from corda_vl.eval.llm import padding_side, qa_exact_match
 from corda_vl.eval.vlm import vqa_accuracy
 from corda_vl.experiment import (Recipe, base_scores, calibrated_store, compare_methods, parse_recipe,
                                  print_plans, recipe_device)
@@ -68,12 +66,7 @@ vqa_held_out = sample(vqa["eval"], cfg["vqa_questions"])
 capitals = knowledge_qa(fields=("capital",), seed=cfg["seed"])
 held_out = capitals["eval"].shuffle(seed=cfg["seed"]).select(range(min(cfg["capital_questions"], len(capitals["eval"]))))
 shots = knowledge_shots(cfg["capital_shots"], "capital", seed=cfg["seed"])
-split_of = country_splits(cfg["seed"])
-facts = {r["name"]: text for r, text in zip(country_records(), country_fact_texts())}
-calib_qa = capitals["calibration"]
-known = [qa_prompt(q, QA_TEMPLATE) + f" {a}" for q, a in zip(calib_qa["question"], calib_qa["answer"])]
-known += [facts[name] for name in sorted(facts) if split_of.get(name) == "calibration"]
-known = random.Random(cfg["seed"]).sample(known, min(cfg["calib_samples"], len(known)))
+known = knowledge_calibration_texts(cfg["calib_samples"], seed=cfg["seed"])
 calib_rows = sample(vqa["train"] if cfg["mode"] == "kpm" else task["train"], cfg["calib_samples"])
 
 

@@ -37,3 +37,15 @@ def test_token_blocks_have_exact_shape_and_no_padding():
 def test_padded_batches_mask_padding():
     (batch,) = padded_batches(CharTokenizer(), ["ab", "abcd"], batch_size=2)
     assert batch["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_knowledge_calibration_texts_are_seeded_and_hold_no_evaluation_country():
+    from corda_vl.data import knowledge_calibration_texts
+
+    texts = knowledge_calibration_texts(64, seed=0)
+    assert len(texts) == 64 == len(set(texts)) and texts == knowledge_calibration_texts(64, seed=0)
+    assert any(t.startswith("Question:") for t in texts) and not all(t.startswith("Question:") for t in texts)
+    from corda_vl.data import knowledge_qa
+
+    evaluated = set(knowledge_qa(fields=("capital",), seed=0)["eval"]["question"])
+    assert not any(q in t for q in evaluated for t in texts)

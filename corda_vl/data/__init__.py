@@ -3,7 +3,7 @@
 from .countries import capital_questions, country_fact_texts, country_records
 from .glyphs import letters
 from .images import colors, digits, fashion_mnist, from_datasets, image_folder, image_table, shapes
-from .knowledge import country_splits, knowledge_qa, knowledge_shots
+from .knowledge import country_splits, knowledge_calibration_texts, knowledge_qa, knowledge_shots
 from .skills import skill_qa
 from .text import padded_batches, token_blocks
 from .vqa import easy_vqa
@@ -21,6 +21,7 @@ __all__ = [
     "from_datasets",
     "image_folder",
     "image_table",
+    "knowledge_calibration_texts",
     "knowledge_qa",
     "knowledge_shots",
     "letters",

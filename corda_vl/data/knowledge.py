@@ -121,3 +121,20 @@ def knowledge_shots(n: int = 3, field: str = "capital", seed: int = 0) -> list[t
     records = [r for r in country_records() if split_of[r["name"]] == "calibration" and _answers(r, field)]
     records.sort(key=lambda r: (-r["population"], r["name"]))
     return [(template.format(**r), _answers(r, field)[0]) for r in records[:n]]
+
+
+def knowledge_calibration_texts(n: int, seed: int = 0) -> list[str]:
+    """What KPM calibrates on to keep capital-city knowledge: the capital Q&A of the calibration
+    countries in the QA prompt format ("Question: ...\\nAnswer: Paris") and their fact paragraphs,
+    a seeded sample of ``n`` (evaluation countries never appear)."""
+    import random
+
+    from ..eval.llm import qa_prompt
+    from .countries import country_fact_texts
+
+    calib = knowledge_qa(fields=("capital",), seed=seed)["calibration"]
+    texts = [qa_prompt(q) + f" {a}" for q, a in zip(calib["question"], calib["answer"])]
+    split_of = country_splits(seed)
+    facts = dict(zip((r["name"] for r in country_records()), country_fact_texts()))
+    texts += [facts[name] for name in sorted(facts) if split_of.get(name) == "calibration"]
+    return random.Random(seed).sample(texts, min(n, len(texts)))
