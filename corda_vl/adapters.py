@@ -26,6 +26,7 @@ from .config import DECOMPOSING, CordaConfig
 from .covariance import CovarianceStore
 from .decompose import (balance_factors, context_share, corda_factors, damp_covariance, factors_from,
                         identity_covariance, residual_weight)
+from .distributed import is_main_process, owned_keys, raise_if_any_failed, share_results
 from .errors import CordaError, DecompositionError, TargetError
 from .families import detect_family
 from .families.base import Family
@@ -120,38 +121,51 @@ def lora_config_for(targets: list[Target], config: CordaConfig, task_type: str |
 def _decompose_all(
     targets: list[Target], store: CovarianceStore | None, config: CordaConfig, source: str | None, progress: bool
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, dict[str, Any]]]:
-    """Phase 1: factors for every target, before the model is touched (nothing half-written)."""
-    dtype = getattr(torch, config.decompose_dtype)
+    """Phase 1: factors for every target, before the model is touched (nothing half-written).
+    Under torch.distributed each rank decomposes its share of the inputs and receives the rest."""
     by_input: dict[str, list[Target]] = defaultdict(list)
     for t in targets:
         by_input[store.input_key(t.name) if store is not None else t.name].append(t)
+    mine = owned_keys(by_input)
     factors, info = {}, {}
-    bar = tqdm(total=len(targets), desc=f"decomposing ({config.method})", disable=not progress)
-    for key, members in by_input.items():
-        device = members[0].module.weight.device
-        if store is None:  # milora: plain SVD of W
-            cov, tokens = identity_covariance(members[0].d_in, dtype, device), 0
-        else:
-            cov = damp_covariance(store.covariance(key, source, dtype).to(device), config.damping,
-                                  normalize=config.covariance_normalization == "mean_diag", dtype=dtype, name=key)
-            tokens = store.count(key, source)
-        for t in members:
-            info[t.name] = _module_info(t, config)
-            r, s = info[t.name]["rank"], config.scaling_for(t.name, t.group)
-            mode = config.mode_for(t.group) if config.method == "corda" else "kpm"
-            try:
-                A, B, triplets = corda_factors(t.module.weight.detach(), cov, r, mode, s, config.svd, config.lowrank_niter)
-            except (DecompositionError, torch.linalg.LinAlgError) as exc:
-                raise DecompositionError(f"module {t.name!r}: {exc}") from exc
-            A, B = balance_factors(A, B, config.factor_balance)
-            keep = torch.float64 if t.module.weight.dtype == torch.float64 else torch.float32
-            factors[t.name] = (A.to(keep), B.to(keep))
-            info[t.name].update(input=key, mode=mode, damping=cov.damping, tokens=tokens,
-                                svd=triplets.path, context_share=triplets.context_share)
-            bar.update(1)
-        del cov
+    bar = tqdm(total=sum(len(by_input[k]) for k in mine), desc=f"decomposing ({config.method})",
+               disable=not (progress and is_main_process()))
+    error = None
+    try:
+        for key in mine:
+            _decompose_input(key, by_input[key], store, config, source, factors, info)
+            bar.update(len(by_input[key]))
+    except Exception as exc:  # noqa: BLE001 - agreed on across ranks, then re-raised
+        error = exc
     bar.close()
-    return factors, info
+    raise_if_any_failed(error, DecompositionError)
+    return share_results(factors, info)
+
+
+def _decompose_input(key: str, members: list[Target], store: CovarianceStore | None, config: CordaConfig,
+                     source: str | None, factors: dict, info: dict) -> None:
+    """CO-SVD factors of the modules reading one input (one damped covariance shared by them)."""
+    dtype = getattr(torch, config.decompose_dtype)
+    device = members[0].module.weight.device
+    if store is None:  # milora: plain SVD of W
+        cov, tokens = identity_covariance(members[0].d_in, dtype, device), 0
+    else:
+        cov = damp_covariance(store.covariance(key, source, dtype).to(device), config.damping,
+                              normalize=config.covariance_normalization == "mean_diag", dtype=dtype, name=key)
+        tokens = store.count(key, source)
+    for t in members:
+        info[t.name] = _module_info(t, config)
+        r, s = info[t.name]["rank"], config.scaling_for(t.name, t.group)
+        mode = config.mode_for(t.group) if config.method == "corda" else "kpm"
+        try:
+            A, B, triplets = corda_factors(t.module.weight.detach(), cov, r, mode, s, config.svd, config.lowrank_niter)
+        except (DecompositionError, torch.linalg.LinAlgError) as exc:
+            raise DecompositionError(f"module {t.name!r}: {exc}") from exc
+        A, B = balance_factors(A, B, config.factor_balance)
+        keep = torch.float64 if t.module.weight.dtype == torch.float64 else torch.float32
+        factors[t.name] = (A.to(keep), B.to(keep))
+        info[t.name].update(input=key, mode=mode, damping=cov.damping, tokens=tokens,
+                            svd=triplets.path, context_share=triplets.context_share)
 
 
 def _decompose_allocated(
@@ -162,6 +176,8 @@ def _decompose_allocated(
     ranks, budget = allocate_layers(choices, config)
     factors, info = {}, {}
     for name, choice in choices.items():
+        if choice.parts is None:  # another rank analysed this layer and sends its factors
+            continue
         t, r = choice.target, ranks[name]
         scaling = config.scaling_for(name, t.group)  # alpha / r kept constant: alpha_l = s * r_l
         parts = choice.components_for(r)
@@ -172,7 +188,8 @@ def _decompose_allocated(
                       "mode": choice.mode, "source": choice.source, "candidates": choice.scores,
                       "compactness": choice.rank_scores[r],
                       "context_share": context_share(parts.S, choice.singular_values), **choice.details}
-    return factors, info, budget
+    factors, info = share_results(factors, info)
+    return factors, {name: info[name] for name in choices}, budget
 
 
 @torch.no_grad()

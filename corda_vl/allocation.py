@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from .config import CordaConfig
 from .cordapp import RankRequest, allocate, rank_scores, select_best
 from .covariance import CovarianceStore
 from .decompose import Components, co_svd, components, damp_covariance, eigen_range
+from .distributed import gather_objects, is_distributed, is_main_process, owned_keys, raise_if_any_failed
 from .errors import CordaError, DecompositionError
 from .targets import Target
 
@@ -74,41 +75,68 @@ def analyse_layers(
     keep_components: bool = True, progress: bool = True,
 ) -> dict[str, LayerChoice]:
     """Score every candidate covariance of every target and keep the best per layer."""
-    dtype = getattr(torch, config.decompose_dtype)
     by_input: dict[str, list[Target]] = defaultdict(list)
     for t in targets:
         by_input[store.input_key(t.name)].append(t)
     choices: dict[str, LayerChoice] = {}
-    bar = tqdm(total=len(targets), desc="decomposing (corda++)", disable=not progress)
-    for key, members in by_input.items():
-        device = members[0].module.weight.device
-        for source in candidate_sources(store, key, base, config.candidates):
-            cov = damp_covariance(store.covariance(key, source, dtype).to(device), config.damping,
-                                  normalize=config.covariance_normalization == "mean_diag", dtype=dtype,
-                                  name=f"{key} [{source}]")
-            spectrum = eigen_range(cov)
-            for t in members:
-                choice = choices.get(t.name) or _new_choice(t, config, source)
-                choices[t.name] = choice
-                try:
-                    triplets = co_svd(t.module.weight.detach(), cov, choice.high, choice.mode, config.svd,
-                                      config.lowrank_niter)
-                except (DecompositionError, torch.linalg.LinAlgError) as exc:
-                    raise DecompositionError(f"module {t.name!r} [{source}]: {exc}") from exc
-                scores = rank_scores(triplets.singular_values, spectrum, choice.mode)
-                choice.scores[source] = float(scores[min(choice.nominal, choice.high)])
-                if select_best(choice.scores) == source:
-                    choice.source = source
-                    choice.rank_scores = tuple(scores.tolist())
-                    choice.singular_values = triplets.singular_values
-                    choice.parts = components(triplets, cov) if keep_components else None
-                    choice.details = {"input": key, "damping": cov.damping, "tokens": store.count(key, source),
-                                      "svd": triplets.path, "condition": spectrum[1] / spectrum[0]}
-            del cov
-        bar.update(len(members))
+    mine = owned_keys(by_input)
+    bar = tqdm(total=sum(len(by_input[k]) for k in mine), desc="decomposing (corda++)",
+               disable=not (progress and is_main_process()))
+    error = None
+    try:
+        for key in mine:
+            _analyse_input(key, by_input[key], store, config, base, keep_components, choices)
+            bar.update(len(by_input[key]))
+    except Exception as exc:  # noqa: BLE001 - agreed on across ranks, then re-raised
+        error = exc
     bar.close()
+    raise_if_any_failed(error, DecompositionError)
+    choices = _gather_choices(choices, targets)
     _check_bounds(choices, config)
     return choices
+
+
+def _gather_choices(local: dict[str, LayerChoice], targets: list[Target]) -> dict[str, LayerChoice]:
+    """Collective: every rank's layer choices, in target order. Components stay with the rank that
+    computed them (None elsewhere): only it slices the factors, which are then broadcast."""
+    if not is_distributed():
+        return local
+    shipped = {name: replace(c, target=None, parts=None, singular_values=c.singular_values.cpu())
+               for name, c in local.items()}
+    merged: dict[str, LayerChoice] = {}
+    for rank_choices in gather_objects(shipped):
+        merged.update(rank_choices)
+    return {t.name: local.get(t.name) or replace(merged[t.name], target=t) for t in targets if t.name in merged}
+
+
+def _analyse_input(key: str, members: list[Target], store: CovarianceStore, config: CordaConfig, base: str,
+                   keep_components: bool, choices: dict[str, LayerChoice]) -> None:
+    """Score every candidate covariance of one input for the modules reading it."""
+    dtype = getattr(torch, config.decompose_dtype)
+    device = members[0].module.weight.device
+    for source in candidate_sources(store, key, base, config.candidates):
+        cov = damp_covariance(store.covariance(key, source, dtype).to(device), config.damping,
+                              normalize=config.covariance_normalization == "mean_diag", dtype=dtype,
+                              name=f"{key} [{source}]")
+        spectrum = eigen_range(cov)
+        for t in members:
+            choice = choices.get(t.name) or _new_choice(t, config, source)
+            choices[t.name] = choice
+            try:
+                triplets = co_svd(t.module.weight.detach(), cov, choice.high, choice.mode, config.svd,
+                                  config.lowrank_niter)
+            except (DecompositionError, torch.linalg.LinAlgError) as exc:
+                raise DecompositionError(f"module {t.name!r} [{source}]: {exc}") from exc
+            scores = rank_scores(triplets.singular_values, spectrum, choice.mode)
+            choice.scores[source] = float(scores[min(choice.nominal, choice.high)])
+            if select_best(choice.scores) == source:
+                choice.source = source
+                choice.rank_scores = tuple(scores.tolist())
+                choice.singular_values = triplets.singular_values
+                choice.parts = components(triplets, cov) if keep_components else None
+                choice.details = {"input": key, "damping": cov.damping, "tokens": store.count(key, source),
+                                  "svd": triplets.path, "condition": spectrum[1] / spectrum[0]}
+        del cov
 
 
 def _check_bounds(choices: dict[str, LayerChoice], config: CordaConfig) -> None:

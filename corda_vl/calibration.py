@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .covariance import CovarianceStore, model_fingerprint
+from .distributed import all_reduce_store, raise_if_any_failed, world
 from .errors import CalibrationError
 from .families import detect_family
 from .families.base import Family, Routes, batch_to_device
@@ -159,6 +160,7 @@ def collect_covariances(
     offload: bool = False,
     stop_early: bool = True,
     sample_scale: str = "none",
+    distributed: bool | str = "auto",
     progress: bool = True,
     family: Family | None = None,
 ) -> CovarianceStore:
@@ -182,7 +184,12 @@ def collect_covariances(
         sample_scale: "none" sums x x^T over all tokens (the default); "max" first divides each
             sample (batch row) by the |max| of its activations, as PEFT's ``preprocess_corda``
             does (for comparisons: it weights samples by 1 / max^2, see README).
-        progress: show a tqdm bar.
+        distributed: under ``torchrun`` / ``accelerate launch`` (an initialised process group of
+            several ranks), "auto" has each rank run every world_size-th batch of the same
+            ``batches`` and then adds all ranks' sums and counts, so every rank returns the
+            single-process store (up to float summation order). "reduce": your ``batches`` are
+            already this rank's shard; only add. False: this rank's data only.
+        progress: show a tqdm bar (on the main process).
     """
     family = family or detect_family(model)
     resolved = resolve_targets(model, family, groups, targets, exclude)
@@ -190,17 +197,55 @@ def collect_covariances(
         raise CalibrationError(f"splits={splits!r} must be a positive integer.")
     if sample_scale not in ("none", "max"):
         raise CalibrationError(f"sample_scale={sample_scale!r} must be 'none' or 'max'.")
+    if distributed not in (True, False, "auto", "reduce"):
+        raise CalibrationError(f"distributed={distributed!r} must be 'auto', 'reduce', True or False.")
+    rank, size = world() if distributed else (0, 1)
+    shard = size if distributed in ("auto", True) else 1
     collector = _Collector(resolved, source, dtype, offload, stop_early, sample_scale)
+    error = None
+    try:
+        _run_batches(model, family, batches, collector, splits, (rank % shard, shard), progress and rank == 0)
+    except Exception as exc:  # noqa: BLE001 - agreed on below, then re-raised
+        error = exc
+    if size > 1:  # the other ranks must not wait forever in the reduce for a rank that failed
+        raise_if_any_failed(error, CalibrationError)
+    elif error is not None:
+        raise error
+    sums = {key: collector.sums.pop(key).result() for key in list(collector.sums)}  # one at a time: low peak
+    store = CovarianceStore(collector.inputs, sums, collector.counts)
+    if size > 1:
+        all_reduce_store(store)
+    if not store.sums:
+        raise CalibrationError("calibration saw no data: the batch iterable was empty or no target "
+                               "module was reached. Pass at least one batch.")
+    unreached = [t.name for t in resolved if t.name not in collector.inputs]
+    if unreached:
+        warnings.warn(f"{len(unreached)} target modules were never called during calibration (first: "
+                      f"{unreached[0]!r}); they get no covariance. Calibrate them with data that "
+                      f"reaches them, or leave them out of the targets.", stacklevel=2)
+    store.fingerprint = model_fingerprint(model, list(store.inputs))
+    _warn_small(store, {t.name: t.d_in for t in resolved})
+    return store
+
+
+def _run_batches(model: nn.Module, family: Family, batches: Iterable[Any], collector: _Collector, splits: int,
+                 shard: tuple[int, int], progress: bool) -> None:
+    """The hooked no-grad forward over this rank's batches (``shard`` = (rank, ranks)); batch
+    indices stay global so the split dealing does not depend on the number of ranks."""
     deal = _split_names(splits)
     device = _input_device(model)
-    handles = [t.module.register_forward_pre_hook(collector.hook(t.name)) for t in resolved]
+    handles = [collector.targets[name].module.register_forward_pre_hook(collector.hook(name))
+               for name in collector.targets]
     was_training = model.training
     model.eval()
     try:
         total = len(batches) if hasattr(batches, "__len__") else None
         for index, raw in enumerate(tqdm(batches, total=total, desc="calibrating", disable=not progress)):
+            split = deal(index)
+            if index % shard[1] != shard[0]:
+                continue
             batch = batch_to_device(family.prepare(model, raw), device)
-            collector.start_batch(family.route(model, batch), index, deal(index))
+            collector.start_batch(family.route(model, batch), index, split)
             try:
                 with torch.no_grad():
                     family.forward(model, batch)
@@ -210,19 +255,6 @@ def collect_covariances(
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    if not collector.sums:
-        raise CalibrationError("calibration saw no data: the batch iterable was empty or no target "
-                               "module was reached. Pass at least one batch.")
-    unreached = [t.name for t in resolved if t.name not in collector.inputs]
-    if unreached:
-        warnings.warn(f"{len(unreached)} target modules were never called during calibration (first: "
-                      f"{unreached[0]!r}); they get no covariance. Calibrate them with data that "
-                      f"reaches them, or leave them out of the targets.", stacklevel=2)
-    sums = {key: collector.sums.pop(key).result() for key in list(collector.sums)}  # one at a time: low peak
-    store = CovarianceStore(collector.inputs, sums, collector.counts,
-                            model_fingerprint(model, list(collector.inputs)))
-    _warn_small(store, {t.name: t.d_in for t in resolved})
-    return store
 
 
 def _warn_small(store: CovarianceStore, d_in: dict[str, int]) -> None:

@@ -1,0 +1,76 @@
+"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node N`` (gloo, CPU).
+
+Each rank writes what it computed to ``OUT/rank{r}/`` as safetensors / text so the test (one
+process, outside torchrun) can compare ranks with each other and with a single-process run:
+
+* ``store.safetensors``: collect_covariances over the shared tiny-LLaMA batches (sharded, reduced)
+* ``clip_store.safetensors``: tiny CLIP, batches alternating image / text, so with two ranks one
+  rank sees only images and the other only text (the reduce must take the union of keys)
+* ``<method>.safetensors``: adapter factors and residual weights built from REFERENCE_STORE (a
+  store file the test wrote), so the decompositions of every run start from identical input
+* ``calibration_error.txt`` / ``decomposition_error.txt``: what a rank raised when another rank
+  failed (rank 1 gets a NaN batch / a failing decomposition)
+"""
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch
+import torch.distributed as dist
+from conftest import clip_batches, text_batches, tiny_clip, tiny_llama
+from safetensors.torch import save_file
+
+from corda_vl import adapters
+from corda_vl import CordaConfig, CovarianceStore, build_corda, collect_covariances
+
+METHODS = {
+    "corda_kpm": CordaConfig(method="corda", mode="kpm", r=4),
+    "corda_ipm": CordaConfig(method="corda", mode="ipm", r=4),
+    "cordapp": CordaConfig(method="corda++", mode="kpm", r=4, budget=3000),
+    "milora": CordaConfig(method="milora", r=4),
+}
+
+
+def adapter_tensors(peft_model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous() for n, p in peft_model.named_parameters() if "lora_" in n or "base_layer" in n}
+
+
+def main(out: Path, reference: Path) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    here = out / f"rank{rank}"
+    here.mkdir(parents=True, exist_ok=True)
+
+    store = collect_covariances(tiny_llama(), text_batches(5), splits=2, progress=False)
+    store.save(here / "store.safetensors")
+    collect_covariances(tiny_clip(), clip_batches(2), progress=False).save(here / "clip_store.safetensors")
+
+    for name, config in METHODS.items():
+        model = tiny_llama()
+        ref = CovarianceStore.load(reference, model)
+        save_file(adapter_tensors(build_corda(model, ref, config, progress=False)), str(here / f"{name}.safetensors"))
+
+    batches = text_batches(4)
+    if rank == 1:
+        batches[1]["input_ids"][0, 0] = 10**6  # out of the embedding's range: this rank fails
+    try:
+        collect_covariances(tiny_llama(), batches, progress=False)
+    except Exception as exc:  # noqa: BLE001 - the test reads the message
+        (here / "calibration_error.txt").write_text(f"{type(exc).__name__}: {exc}")
+
+    if rank == 1:  # every decomposition on this rank fails
+        def broken(*args, **kwargs):
+            raise torch.linalg.LinAlgError("simulated failure")
+        adapters.corda_factors = broken
+    try:
+        build_corda(tiny_llama(), CovarianceStore.load(reference), CordaConfig(r=4), progress=False)
+    except Exception as exc:  # noqa: BLE001
+        (here / "decomposition_error.txt").write_text(f"{type(exc).__name__}: {exc}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(os.environ["OUT"]), Path(os.environ["REFERENCE_STORE"]))
