@@ -2,7 +2,9 @@
 vision-language models.
 
 Data flows one way: batches -> collect_covariances -> CovarianceStore -> build_corda (pure
-decomposition + PEFT wiring) -> training -> save_corda / export_lora.
+decomposition + PEFT wiring) -> training -> save_corda / export_lora. For models whose
+covariances do not fit at once, build_corda_sequential does calibration and decomposition block
+by block. Under torchrun / accelerate launch both paths shard their work over the processes.
 """
 
 from .adapters import BuildRecord, build_corda, build_record
@@ -21,6 +23,7 @@ from .cordapp import compactness
 from .plan import Plan, PlanRow, allocate_ranks, plan
 from .report import Run, Score, load_results, write_report
 from .saving import export_lora, load_corda, save_corda
+from .sequential import build_corda_sequential
 
 __version__ = "0.1.0"
 
@@ -40,6 +43,7 @@ __all__ = [
     "UnknownFamilyError",
     "allocate_ranks",
     "build_corda",
+    "build_corda_sequential",
     "build_record",
     "collect_covariances",
     "compactness",

@@ -45,14 +45,17 @@ class BuildRecord:
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
     budget: dict[str, int] | None = None
     """corda++: {"budget": asked, "realised": sum r_l (d_in + d_out)}."""
+    calibration: dict[str, Any] | None = None
+    """build_corda_sequential: blocks, peak covariance bytes, cache bytes."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"family": self.family, "config": self.config, "source": self.source, "modules": self.modules,
-                "budget": self.budget}
+                "budget": self.budget, "calibration": self.calibration}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BuildRecord":
-        return cls(data["family"], data["config"], data.get("source"), data.get("modules", {}), data.get("budget"))
+        return cls(data["family"], data["config"], data.get("source"), data.get("modules", {}), data.get("budget"),
+                   data.get("calibration"))
 
 
 def build_record(peft_model: nn.Module) -> BuildRecord | None:
@@ -118,7 +121,7 @@ def lora_config_for(targets: list[Target], config: CordaConfig, task_type: str |
     )
 
 
-def _decompose_all(
+def decompose_targets(
     targets: list[Target], store: CovarianceStore | None, config: CordaConfig, source: str | None, progress: bool
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, dict[str, Any]]]:
     """Phase 1: factors for every target, before the model is touched (nothing half-written).
@@ -239,13 +242,20 @@ def build_corda(
         store.check_model(model, modules=[t.name for t in targets])
         record.source = store.resolve_source(config.source)
     if config.method == "corda":
-        factors, record.modules = _decompose_all(targets, store, config, record.source, progress)
+        factors, record.modules = decompose_targets(targets, store, config, record.source, progress)
     elif config.method == "corda++":
         factors, record.modules, record.budget = _decompose_allocated(targets, store, config, record.source, progress)
     elif config.method == "milora":
-        factors, record.modules = _decompose_all(targets, None, config, None, progress)
+        factors, record.modules = decompose_targets(targets, None, config, None, progress)
     else:
         record.modules = {t.name: _module_info(t, config) for t in targets}
+    return wrap_with_factors(model, targets, config, family, factors, record, adapter_name)
+
+
+def wrap_with_factors(model: nn.Module, targets: list[Target], config: CordaConfig, family: Family,
+                      factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, record: BuildRecord,
+                      adapter_name: str = "default") -> PeftModel:
+    """Phase 2: PEFT LoRA layers on ``targets``, filled with ``factors`` (None: PEFT's own init)."""
     lora_config = lora_config_for(targets, config, family.task_type, record.modules)
     peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
     if factors is not None:

@@ -8,6 +8,7 @@ process, outside torchrun) can compare ranks with each other and with a single-p
   rank sees only images and the other only text (the reduce must take the union of keys)
 * ``<method>.safetensors``: adapter factors and residual weights built from REFERENCE_STORE (a
   store file the test wrote), so the decompositions of every run start from identical input
+* ``sequential.safetensors``: build_corda_sequential on the same batches (sharded, per-block reduce)
 * ``calibration_error.txt`` / ``decomposition_error.txt``: what a rank raised when another rank
   failed (rank 1 gets a NaN batch / a failing decomposition)
 """
@@ -24,7 +25,7 @@ from conftest import clip_batches, text_batches, tiny_clip, tiny_llama
 from safetensors.torch import save_file
 
 from corda_vl import adapters
-from corda_vl import CordaConfig, CovarianceStore, build_corda, collect_covariances
+from corda_vl import CordaConfig, CovarianceStore, build_corda, build_corda_sequential, collect_covariances
 
 METHODS = {
     "corda_kpm": CordaConfig(method="corda", mode="kpm", r=4),
@@ -52,6 +53,11 @@ def main(out: Path, reference: Path) -> None:
         model = tiny_llama()
         ref = CovarianceStore.load(reference, model)
         save_file(adapter_tensors(build_corda(model, ref, config, progress=False)), str(here / f"{name}.safetensors"))
+
+    # IPM: its largest components are well separated; the smallest (KPM) of o_proj are degenerate
+    # here (its input has rank 16 < 32), so any rounding rotates them and a tolerance means nothing
+    sequential = build_corda_sequential(tiny_llama(), text_batches(5), CordaConfig(r=4, mode="ipm"), progress=False)
+    save_file(adapter_tensors(sequential), str(here / "sequential.safetensors"))
 
     batches = text_batches(4)
     if rank == 1:

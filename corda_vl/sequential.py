@@ -1,0 +1,234 @@
+"""Layer-sequential CorDA: calibrate and decompose one block at a time, for models whose
+covariances do not fit in memory all at once (7B-class LLaMA / LLaVA language models).
+
+The calibration batches run through the model once, up to the first block of the stack that
+holds the targets; the hidden states entering it are cached (in ``cache_dtype``, optionally on
+disk). Then, block by block: the cached states go through the block with the covariance hooks
+on its linear layers, the block's outputs replace the cache, and the block's covariances are
+decomposed into adapter factors and freed. Only one block's covariances are alive at any time.
+
+The blocks run with their original weights (the model is only rewritten at the end, from the
+factors, exactly as :func:`build_corda` does), so each block sees the same activations as in
+one full forward pass and the adapters equal the all-at-once path's. Under torch.distributed
+each rank runs its share of the batches, every block's store is all-reduced and its
+decomposition sharded (see ``corda_vl.distributed``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import nullcontext
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import BuildRecord, _check_ranks, _check_untied, build_corda, decompose_targets, wrap_with_factors
+from .calibration import _Collector, _input_device, _warn_small
+from .config import CordaConfig
+from .covariance import CovarianceStore
+from .distributed import all_reduce_store, gather_objects, is_main_process, raise_if_any_failed, world
+from .errors import CalibrationError, CordaError
+from .families import detect_family
+from .families.base import Family, batch_to_device
+from .targets import Target, resolve_targets
+
+
+class _Captured(Exception):
+    def __init__(self, args: tuple, kwargs: dict):
+        super().__init__()
+        self.args_, self.kwargs = args, kwargs
+
+
+class HiddenCache:
+    """The hidden states entering the current block, one tensor per calibration batch, kept in
+    ``dtype`` in memory or, with ``directory``, as safetensors files there (read back per block)."""
+
+    def __init__(self, dtype: torch.dtype | None, directory: str | Path | None):
+        self.dtype, self.directory = dtype, Path(directory) if directory is not None else None
+        self._memory: dict[int, torch.Tensor] = {}
+        self._devices: dict[int, torch.device] = {}
+        self._sizes: dict[int, int] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one generation of cached states (in memory or on disk)."""
+        return sum(self._sizes.values())
+
+    def put(self, index: int, hidden: torch.Tensor) -> None:
+        hidden = hidden.detach().to(self.dtype or hidden.dtype)
+        self._sizes[index] = hidden.numel() * hidden.element_size()
+        if self.directory is None:
+            self._memory[index] = hidden
+            return
+        from safetensors.torch import save_file
+
+        self._devices[index] = hidden.device
+        save_file({"hidden": hidden.contiguous().cpu()}, str(self.directory / f"batch{index}.safetensors"))
+
+    def get(self, index: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.directory is None:
+            return self._memory[index].to(dtype)
+        from safetensors.torch import load_file
+
+        return load_file(str(self.directory / f"batch{index}.safetensors"))["hidden"].to(self._devices[index], dtype)
+
+
+def block_stack(model: nn.Module, targets: Sequence[Target]) -> tuple[str, nn.ModuleList]:
+    """(name, ModuleList) of the repeated blocks holding every target; an error naming the
+    targets outside it when the targets are spread over several stacks or outside any block."""
+    stacks = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    best = None
+    for name, stack in stacks:
+        inside = [t for t in targets if t.name.startswith(f"{name}.")] if name else list(targets)
+        if len(inside) == len(targets) and (best is None or len(name) > len(best[0])):
+            best = (name, stack)
+    if best is None:
+        groups = sorted({t.group for t in targets})
+        raise CordaError(f"layer-sequential calibration needs every target inside one stack of repeated blocks, but "
+                         f"the targets (groups {groups}) span several stacks or lie outside them. Adapt one stack at a "
+                         f"time (e.g. groups=['language']) or use the all-at-once path (collect_covariances).")
+    return best
+
+
+def _capture_first_block(model: nn.Module, family: Family, block: nn.Module, batches: Iterable[Any],
+                         shard: tuple[int, int], cache: HiddenCache, progress: bool) -> list[tuple]:
+    """Run each batch of this rank up to ``block``; cache its hidden states, keep the rest of its
+    arguments (masks, position embeddings: small) and the token routes in memory."""
+    def stop(module, args, kwargs):
+        raise _Captured(args, kwargs)
+
+    records = []
+    device = _input_device(model)
+    handle = block.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        total = len(batches) if hasattr(batches, "__len__") else None
+        for index, raw in enumerate(tqdm(batches, total=total, desc="embedding", disable=not progress)):
+            if index % shard[1] != shard[0]:
+                continue
+            batch = batch_to_device(family.prepare(model, raw), device)
+            try:
+                with torch.no_grad():
+                    family.forward(model, batch)
+            except _Captured as got:
+                args, kwargs = got.args_, dict(got.kwargs)
+                hidden, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+                cache.put(len(records), hidden)
+                records.append((rest, kwargs, family.route(model, batch), index, hidden.dtype))
+            else:
+                raise CalibrationError("the forward pass never reached the first block of the stack holding the "
+                                       "targets; layer-sequential calibration cannot be used with this model.")
+    finally:
+        handle.remove()
+    return records
+
+
+def _calibrate_block(block: nn.Module, targets: list[Target], records: list[tuple], cache: HiddenCache,
+                     dtype: torch.dtype, source: str) -> CovarianceStore:
+    """Covariances of ``targets`` (inside ``block``) over the cached inputs; advances the cache."""
+    collector = _Collector(targets, source, dtype, offload=False, stop_early=False)
+    handles = [t.module.register_forward_pre_hook(collector.hook(t.name)) for t in targets]
+    try:
+        with torch.no_grad():
+            for j, (rest, kwargs, routes, index, hidden_dtype) in enumerate(records):
+                collector.start_batch(routes, index, None)
+                out = block(cache.get(j, hidden_dtype), *rest, **kwargs)
+                cache.put(j, out[0] if isinstance(out, tuple) else out)
+    finally:
+        for handle in handles:
+            handle.remove()
+    sums = {key: collector.sums.pop(key).result() for key in list(collector.sums)}
+    return CovarianceStore(collector.inputs, sums, collector.counts)
+
+
+def build_corda_sequential(
+    model: nn.Module,
+    batches: Iterable[Any],
+    config: CordaConfig | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    cache_dtype: torch.dtype | None = None,
+    offload_dir: str | Path | None = None,
+    source: str = "calib",
+    adapter_name: str = "default",
+    family: Family | None = None,
+    progress: bool = True,
+) -> PeftModel:
+    """Calibrate and build CorDA adapters block by block; same result as
+    ``build_corda(model, collect_covariances(model, batches, ...), config)`` with one block's
+    covariances in memory at a time.
+
+    Args:
+        batches: calibration batches, as for :func:`collect_covariances` (KPM: the knowledge to
+            keep; IPM: the task). Under torch.distributed each rank runs every world_size-th one.
+        dtype: covariance accumulation dtype.
+        cache_dtype: dtype of the cached hidden states between blocks (default: as the model
+            produces them, which keeps the result equal to the all-at-once path; bfloat16 halves
+            the cache at a small cost in accuracy).
+        offload_dir: keep the cached hidden states as files in this folder (a temporary folder
+            inside it is used and removed) instead of in memory.
+    The adapters must lie inside one stack of repeated blocks (LLaMA's decoder layers; for
+    LLaVA choose ``groups=["language"]``). ``method`` must be ``corda``: CorDA++ allocates ranks
+    across all layers at once and needs every layer's spectrum before it can choose; baselines
+    that need no covariances (lora, pissa, milora) go straight to :func:`build_corda`.
+    """
+    config = config or CordaConfig()
+    if config.method in ("lora", "pissa", "milora"):
+        return build_corda(model, None, config, adapter_name=adapter_name, family=family, progress=progress)
+    if config.method != "corda":
+        raise CordaError(f"layer-sequential building supports method='corda' (KPM or IPM), not {config.method!r}: "
+                         f"corda++ allocates ranks over all layers at once. Use collect_covariances + build_corda, "
+                         f"with dtype=torch.float32 and offload=True to save memory.")
+    family = family or detect_family(model)
+    targets = resolve_targets(model, family, config.groups, config.target_modules, config.exclude_modules)
+    _check_ranks(targets, config)
+    _check_untied(model, targets)
+    stack_name, stack = block_stack(model, targets)
+    rank, size = world()
+    show = progress and is_main_process()
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    record = BuildRecord(family.name, config.to_dict(), source)
+    seen = CovarianceStore()
+    peak = 0
+    was_training = model.training
+    model.eval()
+    with tempfile.TemporaryDirectory(dir=offload_dir) if offload_dir is not None else nullcontext() as tmp:
+        cache = HiddenCache(cache_dtype, tmp)
+        records, error = [], None
+        try:
+            records = _capture_first_block(model, family, stack[0], batches, (rank, size), cache, show)
+        except Exception as exc:  # noqa: BLE001 - agreed on across ranks, then re-raised
+            error = exc
+        raise_if_any_failed(error, CalibrationError)
+        if sum(gather_objects(len(records))) == 0:
+            raise CalibrationError("calibration saw no data: the batch iterable was empty. Pass at least one batch.")
+        for i, block in enumerate(tqdm(stack, desc="blocks (calibrate + decompose)", disable=not show)):
+            inside = [t for t in targets if t.name.startswith(f"{stack_name}.{i}.")]
+            try:
+                store = _calibrate_block(block, inside, records, cache, dtype, source)
+            except Exception as exc:  # noqa: BLE001
+                store, error = None, exc
+            raise_if_any_failed(error, CalibrationError)
+            if not inside:
+                continue
+            all_reduce_store(store)
+            peak = max(peak, store.nbytes())
+            seen.inputs.update(store.inputs)
+            seen.counts.update(store.counts)
+            block_factors, info = decompose_targets(inside, store, config, source, progress=False)
+            factors.update(block_factors)
+            record.modules.update(info)
+            del store
+    model.train(was_training)
+    _warn_small(seen, {t.name: t.d_in for t in targets})
+    record.calibration = {"sequential": True, "blocks": len(stack), "peak_covariance_bytes": peak,
+                          "cache_bytes": cache.nbytes, "cache_on_disk": offload_dir is not None}
+    record.modules = {t.name: record.modules[t.name] for t in targets}
+    return wrap_with_factors(model, targets, config, family, factors, record, adapter_name)
+
+
+
