@@ -20,10 +20,11 @@ from .errors import (
     UnknownFamilyError,
 )
 from .cordapp import compactness
+from .memory import MemoryPlan, plan_memory
 from .plan import Plan, PlanRow, allocate_ranks, plan
 from .report import Run, Score, load_results, write_report
 from .saving import export_lora, load_corda, save_corda
-from .sequential import build_corda_sequential
+from .sequential import build_corda_sequential, calibrate_and_build
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "CordaError",
     "CovarianceStore",
     "DecompositionError",
+    "MemoryPlan",
     "Plan",
     "PlanRow",
     "Run",
@@ -45,12 +47,14 @@ __all__ = [
     "build_corda",
     "build_corda_sequential",
     "build_record",
+    "calibrate_and_build",
     "collect_covariances",
     "compactness",
     "export_lora",
     "load_corda",
     "load_results",
     "plan",
+    "plan_memory",
     "save_corda",
     "write_report",
 ]

@@ -231,4 +231,39 @@ def build_corda_sequential(
     return wrap_with_factors(model, targets, config, family, factors, record, adapter_name)
 
 
+def calibrate_and_build(
+    model: nn.Module,
+    batches: Iterable[Any],
+    config: CordaConfig | None = None,
+    *,
+    memory_limit: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    **sequential_options: Any,
+) -> PeftModel:
+    """Calibrate on ``batches`` and build ``config``'s adapters in one call, choosing the path by
+    memory: layer-sequential (:func:`build_corda_sequential`) when the planned all-at-once
+    covariances (:func:`corda_vl.memory.plan_memory`) exceed ``memory_limit`` bytes, else
+    ``collect_covariances`` + ``build_corda``. ``memory_limit=None`` always goes all at once;
+    ``sequential_options`` (cache_dtype, offload_dir) reach the sequential path.
+    """
+    from .calibration import collect_covariances
+    from .memory import plan_memory
+
+    config = config or CordaConfig()
+    if config.method in ("lora", "pissa", "milora"):
+        return build_corda(model, None, config, progress=progress)
+    needed = None
+    if memory_limit is not None:
+        needed = plan_memory(model, groups=config.groups, targets=config.target_modules,
+                             exclude=config.exclude_modules).covariance_bytes(dtype)
+    if needed is not None and needed > memory_limit:
+        if config.method != "corda":
+            raise CordaError(f"the covariances need {needed / 2**30:.2f} GiB, over memory_limit="
+                             f"{memory_limit / 2**30:.2f} GiB, and {config.method} cannot run layer-sequentially "
+                             f"(it allocates ranks over all layers at once). Raise memory_limit or use method='corda'.")
+        return build_corda_sequential(model, batches, config, dtype=dtype, progress=progress, **sequential_options)
+    store = collect_covariances(model, batches, groups=config.groups, targets=config.target_modules,
+                                exclude=config.exclude_modules, dtype=dtype, progress=progress)
+    return build_corda(model, store, config, progress=progress)
 

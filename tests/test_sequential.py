@@ -112,3 +112,17 @@ def test_empty_and_bad_calibration_data():
     with pytest.raises(CalibrationError, match="layers.0.mlp.gate_proj.*NaN/Inf"):
         build_corda_sequential(model, batches, CordaConfig(r=4), progress=False)
     assert not hasattr(model, "peft_config")  # nothing written
+
+
+def test_calibrate_and_build_goes_sequential_only_over_the_memory_limit():
+    from corda_vl import calibrate_and_build
+
+    config = CordaConfig(r=4)
+    roomy = calibrate_and_build(tiny_llama(), text_batches(3), config, memory_limit=10**9, progress=False)
+    assert build_record(roomy).calibration is None
+    tight = calibrate_and_build(tiny_llama(), text_batches(3), config, memory_limit=1000, progress=False)
+    assert build_record(tight).calibration["sequential"]
+    assert_same_state(tight, roomy)
+    with pytest.raises(CordaError, match="cannot run layer-sequentially"):
+        calibrate_and_build(tiny_llama(), text_batches(3), CordaConfig(method="corda++", r=4), memory_limit=1000,
+                            progress=False)
