@@ -20,12 +20,16 @@ Collectives deadlock if one rank raises while the others wait, so failures are f
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping
-from typing import Any
+import os
+from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import torch
 
 from .errors import CordaError
+
+T = TypeVar("T")
 
 
 def world() -> tuple[int, int]:
@@ -54,6 +58,83 @@ def comm_device() -> torch.device:
     if is_distributed() and torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def init_from_launcher() -> tuple[int, int]:
+    """Join the process group that ``accelerate launch`` / ``torchrun`` set up in the environment
+    (WORLD_SIZE > 1), through accelerate's PartialState: gloo on CPU, NCCL on GPUs, one GPU per
+    process. A no-op for a plain ``python`` run. Returns (rank, world size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
+        from accelerate import PartialState
+
+        PartialState()
+    return world()
+
+
+def process_device(device: str) -> torch.device:
+    """``device`` ("cpu", "cuda", "cuda:1"...) for this process: under a launcher with several
+    GPU processes, "cuda" means this process's own GPU (its local rank)."""
+    if device == "cuda" and is_distributed():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", world()[0])) % torch.cuda.device_count())
+    return torch.device(device)
+
+
+@contextmanager
+def main_process_first():
+    """The main process runs the block first (e.g. builds a cached default model), the others
+    after it, finding its result. Also usable as a decorator."""
+    wait = is_distributed()
+    if wait and not is_main_process():
+        barrier()
+    try:
+        yield
+    finally:
+        if wait and is_main_process():
+            barrier()
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on the main process only and hand its (picklable) result to every rank: for
+    work that needs no collectives and should not be repeated (evaluation, file writes)."""
+    if not is_distributed():
+        return fn()
+    box: list[Any] = [None, None]
+    if is_main_process():
+        try:
+            box[0] = fn()
+        except Exception as exc:  # noqa: BLE001 - the other ranks must not wait forever
+            box[1] = f"{type(exc).__name__}: {exc}"
+            torch.distributed.broadcast_object_list(box, src=0)
+            raise
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise CordaError(f"process 0 failed: {box[1]}")
+    return box[0]
+
+
+def all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum the gradients of ``params`` over all ranks, in one flat buffer (missing grads count as 0)."""
+    if not is_distributed() or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    device = comm_device()
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    flat = torch.cat([g.reshape(-1).to(device, dtype) for g in grads])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).to(g.device, g.dtype)
+        offset += n
+
+
+def all_reduce_sum(value: float) -> float:
+    """Collective: the sum of a Python float over all ranks."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=comm_device())
+    torch.distributed.all_reduce(tensor)
+    return float(tensor.item())
 
 
 def gather_objects(obj: Any) -> list[Any]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,6 +29,7 @@ from .adapters import build_corda, build_record
 from .atomic import atomic_dir, atomic_file
 from .config import DECOMPOSING, CordaConfig
 from .covariance import CovarianceStore
+from .distributed import barrier, init_from_launcher, is_main_process, on_main, process_device
 from .errors import CordaError
 from .interpolation import adapter_scale, initial_factors
 from .report import Run, Score, run_from_dict, run_to_dict
@@ -62,6 +65,9 @@ LIST_KEYS = ("methods", "groups", "retention")
 def parse_recipe(doc: str, config_path: str | Path, argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, dict]:
     """Flags of every recipe; returns (args, config) with the YAML's values overridden by the flags
     given (and by the YAML's ``smoke:`` section first, under ``--smoke``)."""
+    rank, _ = init_from_launcher()  # accelerate launch / torchrun: join the process group first
+    if rank != 0:  # one copy of the printed progress: the main process's
+        sys.stdout = open(os.devnull, "w")
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(config_path), help="YAML config (default: %(default)s)")
     for flag, (_, kind, text) in FLAGS.items():
@@ -111,7 +117,8 @@ def recipe_device(cfg: dict) -> str:
     import torch
 
     device = cfg.get("device", "auto")
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    return str(process_device(device))  # several GPU processes: each its own GPU
 
 
 def train_config(cfg: dict) -> TrainConfig:
@@ -150,10 +157,12 @@ def calibrated_store(path: Path, model, make_batches: Callable[[], Any], *, resu
     if resume and path.is_file():
         return CovarianceStore.load(path, model=model), 0.0
     t0 = time.perf_counter()
-    store = collect_covariances(model, make_batches(), **kwargs)
+    store = collect_covariances(model, make_batches(), **kwargs)  # several processes: sharded, then summed
     seconds = time.perf_counter() - t0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    store.save(path)
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store.save(path)
+    barrier()
     return store, seconds
 
 
@@ -161,9 +170,10 @@ def cached_scores(path: Path, evaluate: Callable[[], Scores], *, resume: bool) -
     """``evaluate()``, kept in ``path`` (JSON) so that ``--resume`` does not evaluate again."""
     if resume and path.is_file():
         return {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
-    scores = evaluate()
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(scores, indent=2))
+    scores = on_main(evaluate)  # evaluation runs once, on the main process
+    if is_main_process():
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(scores, indent=2))
     return scores
 
 
@@ -215,7 +225,9 @@ def run_method(recipe: Recipe, method: str, store: CovarianceStore | None, befor
     peft_model = build_corda(recipe.load_model(), store if method in DECOMPOSING else None,
                              corda_config(cfg, method), progress=progress)
     seconds["build"] = time.perf_counter() - t0
-    save_corda(peft_model, out / "init", tokenizer=recipe.save_with, overwrite=True)
+    main = is_main_process()  # several processes: all build and train, the main one evaluates and writes
+    if main:
+        save_corda(peft_model, out / "init", tokenizer=recipe.save_with, overwrite=True)
     initial = initial_factors(peft_model)
     record = build_record(peft_model)
     budget = record.budget["budget"] if record is not None and record.budget else None
@@ -225,17 +237,21 @@ def run_method(recipe: Recipe, method: str, store: CovarianceStore | None, befor
                    fingerprint=fingerprint, progress=progress)
     seconds["train"] = result.seconds
     t0 = time.perf_counter()
-    after = recipe.evaluate(peft_model)
+    after = on_main(lambda: recipe.evaluate(peft_model))
     seconds["eval"] = time.perf_counter() - t0
-    with atomic_dir(out / "adapter", overwrite=True) as tmp:
-        peft_model.save_pretrained(tmp)
-    export_lora(peft_model, out / "init" / "adapter", out / "lora", overwrite=True)
+    if main:
+        with atomic_dir(out / "adapter", overwrite=True) as tmp:
+            peft_model.save_pretrained(tmp)
+        export_lora(peft_model, out / "init" / "adapter", out / "lora", overwrite=True)
     runs = [_run(recipe, method, trainable, budget, before, after, seconds)]
     for t in cfg.get("scales", []) if cfg.get("scale_sweep") else []:
         with adapter_scale(peft_model, initial, t):
-            runs.append(_run(recipe, method, trainable, budget, before, recipe.evaluate(peft_model), {}, scale=t))
-    with atomic_file(done) as tmp:
-        tmp.write_text(json.dumps([run_to_dict(r) for r in runs], indent=2))
+            scores = on_main(lambda: recipe.evaluate(peft_model))
+        runs.append(_run(recipe, method, trainable, budget, before, scores, {}, scale=t))
+    if main:
+        with atomic_file(done) as tmp:
+            tmp.write_text(json.dumps([run_to_dict(r) for r in runs], indent=2))
+    barrier()
     return runs
 
 
@@ -267,6 +283,8 @@ def compare_methods(recipe: Recipe, store: CovarianceStore | None, before: Score
         runs += new
     from .report import write_report
 
+    if not is_main_process():
+        return runs
     paths = write_report(out_dir, recipe.name, recipe.cfg["model"], runs)
     print("\n" + results_table(runs))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}; adapters under {out_dir}/<method>/")

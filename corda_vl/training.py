@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_dir
+from .distributed import all_reduce_gradients, all_reduce_sum, world
 from .errors import CordaError
 
 CHECKPOINTS = "checkpoints"
@@ -190,6 +191,10 @@ def train(model: nn.Module, rows: Sequence[Any], loss_fn: Callable[[nn.Module, l
           progress: bool = True) -> TrainResult:
     """Fine-tune ``model``'s trainable parameters on ``rows`` for ``config.steps`` AdamW steps.
 
+    Under ``accelerate launch`` / ``torchrun`` each process computes the gradient of its share of
+    every micro-batch and the shares are summed across processes, so the steps equal a single
+    process's (up to float summation order); only the main process writes logs and checkpoints.
+
     ``loss_fn(model, list_of_rows)`` returns the mean loss of one micro-batch. Writes
     ``out_dir/train_log.jsonl`` (one line per step: step, loss, lr, seconds) and checkpoints under
     ``out_dir/checkpoints``; ``resume=True`` continues from the newest checkpoint there (a
@@ -207,9 +212,16 @@ def train(model: nn.Module, rows: Sequence[Any], loss_fn: Callable[[nn.Module, l
     params = trainable_parameters(model)
     if not params:
         raise CordaError("train: the model has no trainable parameters; build an adapter first (build_corda).")
+    rank, size = world()
+    if config.batch_size < size:
+        raise CordaError(f"train: batch_size={config.batch_size} is below the number of processes ({size}); each "
+                         f"process needs at least one row per micro-batch. Raise batch_size or launch fewer processes.")
     accelerator = Accelerator(mixed_precision=config.resolved_precision(), cpu=not torch.cuda.is_available())
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # Only the optimiser goes through accelerate: wrapping the model in DDP would hide the methods
+    # the losses call (CLIP's get_image_features...); the adapter's gradients are summed by hand.
+    optimizer = accelerator.prepare(optimizer)
+    model.to(accelerator.device)
     start, resumed = 0, None
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint is not None:
@@ -227,11 +239,17 @@ def train(model: nn.Module, rows: Sequence[Any], loss_fn: Callable[[nn.Module, l
             group["lr"] = lr
         total = 0.0
         for micro in range(config.grad_accum):
-            batch = [rows[i] for i in batch_indices(step, micro, len(rows), config)]
+            indices = batch_indices(step, micro, len(rows), config)
+            mine = indices[rank::size]  # several processes: each takes its share of the same rows
             with accelerator.autocast():
-                loss = loss_fn(model, batch) / config.grad_accum
+                loss = loss_fn(model, [rows[i] for i in mine]) / config.grad_accum
+                if size > 1:  # weight by the share, so the summed gradient is the full batch's mean
+                    loss = loss * (len(mine) / len(indices))
             accelerator.backward(loss)
             total += loss.item()
+        if size > 1:
+            all_reduce_gradients(list(params.values()))
+            total = all_reduce_sum(total)
         if config.grad_clip_norm:
             accelerator.clip_grad_norm_(list(params.values()), config.grad_clip_norm)
         optimizer.step()

