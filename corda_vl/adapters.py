@@ -19,14 +19,13 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from tqdm.auto import tqdm
 
 from .allocation import allocate_layers, analyse_layers
 from .config import DECOMPOSING, CordaConfig
 from .covariance import CovarianceStore
 from .decompose import (balance_factors, context_share, corda_factors, damp_covariance, factors_from,
                         identity_covariance, residual_weight)
-from .distributed import is_main_process, owned_keys, raise_if_any_failed, share_results
+from .distributed import run_owned, share_results
 from .errors import CordaError, DecompositionError, TargetError
 from .families import detect_family
 from .families.base import Family
@@ -129,19 +128,9 @@ def decompose_targets(
     by_input: dict[str, list[Target]] = defaultdict(list)
     for t in targets:
         by_input[store.input_key(t.name) if store is not None else t.name].append(t)
-    mine = owned_keys(by_input)
     factors, info = {}, {}
-    bar = tqdm(total=sum(len(by_input[k]) for k in mine), desc=f"decomposing ({config.method})",
-               disable=not (progress and is_main_process()))
-    error = None
-    try:
-        for key in mine:
-            _decompose_input(key, by_input[key], store, config, source, factors, info)
-            bar.update(len(by_input[key]))
-    except Exception as exc:  # noqa: BLE001 - agreed on across ranks, then re-raised
-        error = exc
-    bar.close()
-    raise_if_any_failed(error, DecompositionError)
+    run_owned(by_input, lambda key, members: _decompose_input(key, members, store, config, source, factors, info),
+              desc=f"decomposing ({config.method})", progress=progress, kind=DecompositionError)
     return share_results(factors, info)
 
 

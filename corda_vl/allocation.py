@@ -16,13 +16,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .config import CordaConfig
 from .cordapp import RankRequest, allocate, rank_scores, select_best
 from .covariance import CovarianceStore
 from .decompose import Components, co_svd, components, damp_covariance, eigen_range
-from .distributed import gather_objects, is_distributed, is_main_process, owned_keys, raise_if_any_failed
+from .distributed import gather_objects, is_distributed, run_owned
 from .errors import CordaError, DecompositionError
 from .targets import Target
 
@@ -79,18 +78,8 @@ def analyse_layers(
     for t in targets:
         by_input[store.input_key(t.name)].append(t)
     choices: dict[str, LayerChoice] = {}
-    mine = owned_keys(by_input)
-    bar = tqdm(total=sum(len(by_input[k]) for k in mine), desc="decomposing (corda++)",
-               disable=not (progress and is_main_process()))
-    error = None
-    try:
-        for key in mine:
-            _analyse_input(key, by_input[key], store, config, base, keep_components, choices)
-            bar.update(len(by_input[key]))
-    except Exception as exc:  # noqa: BLE001 - agreed on across ranks, then re-raised
-        error = exc
-    bar.close()
-    raise_if_any_failed(error, DecompositionError)
+    run_owned(by_input, lambda key, members: _analyse_input(key, members, store, config, base, keep_components, choices),
+              desc="decomposing (corda++)", progress=progress, kind=DecompositionError)
     choices = _gather_choices(choices, targets)
     _check_bounds(choices, config)
     return choices

@@ -237,6 +237,25 @@ def owned_keys(by_input: Mapping[str, list[Any]]) -> list[str]:
     return [key for key in by_input if owners[key] == rank]
 
 
+def run_owned(by_input: Mapping[str, list[Any]], work: Callable[[str, list[Any]], None], *, desc: str,
+              progress: bool, kind: type[Exception] = CordaError) -> None:
+    """Collective: ``work(key, members)`` for the keys this rank owns (see :func:`owned_keys`),
+    with a progress bar on the main process; a failure on any rank raises on every rank."""
+    from tqdm.auto import tqdm
+
+    mine = owned_keys(by_input)
+    bar = tqdm(total=sum(len(by_input[k]) for k in mine), desc=desc, disable=not (progress and is_main_process()))
+    error = None
+    try:
+        for key in mine:
+            work(key, by_input[key])
+            bar.update(len(by_input[key]))
+    except Exception as exc:  # noqa: BLE001 - agreed on across ranks, then re-raised
+        error = exc
+    bar.close()
+    raise_if_any_failed(error, kind)
+
+
 def decomposition_cost(d_in: int, shapes: list[tuple[int, int]]) -> float:
     """Flop estimate for one covariance and the modules reading it: a d_in^3 factorisation of C,
     then an SVD of each d_out x d_in product."""
