@@ -35,3 +35,22 @@ def test_smollm2_outputs_unchanged_at_init(smollm2, method, mode):
         record = build_record(peft_model)
         assert record.budget["budget"] <= record.budget["realised"] < record.budget["budget"] + 1536 + 576
         assert len({i["rank"] for i in record.modules.values()}) > 3
+
+
+def test_smollm2_layer_sequential_equals_all_at_once():
+    from corda_vl import build_corda_sequential
+
+    _, tok = load_llama()
+    batches = padded_batches(tok, country_fact_texts()[:16], batch_size=8)
+    # two layers adapted (the decompositions are the slow part); all 30 still run block by block
+    config = CordaConfig(r=8, mode="kpm", target_modules=r".*layers\.(0|29)\..*_proj")
+    model, _ = load_llama()
+    want = build_corda(model, collect_covariances(model, batches, progress=False), config, progress=False)
+    got = build_corda_sequential(load_llama()[0], batches, config, progress=False)
+    a, b = want.state_dict(), got.state_dict()
+    assert a.keys() == b.keys()
+    # the layers compute exactly as in the full forward: the same covariances, the same factors
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    calibration = build_record(got).calibration
+    assert calibration["blocks"] == 30 and calibration["peak_covariance_bytes"] > 0
+    assert len(build_record(got).modules) == 14
