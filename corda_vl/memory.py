@@ -249,7 +249,7 @@ def _probe_sharing(model, family, names, groups, targets, exclude):
         torch.manual_seed(0)
         tiny = type(model)(_shrunk(config)).float().eval()
         store = collect_covariances(tiny, [_probe_batch(family.name, tiny)], groups=groups, targets=targets,
-                                    exclude=exclude, family=family, progress=False)
+                                    exclude=exclude, family=family, distributed=False, progress=False)
     tiny_names = [t.name for t in resolve_targets(tiny, family, groups, targets, exclude)]
     if tiny_names != names:
         raise CordaError("the shrunk copy's target modules differ from the model's")
