@@ -192,8 +192,10 @@ def train(model: nn.Module, rows: Sequence[Any], loss_fn: Callable[[nn.Module, l
     """Fine-tune ``model``'s trainable parameters on ``rows`` for ``config.steps`` AdamW steps.
 
     Under ``accelerate launch`` / ``torchrun`` each process computes the gradient of its share of
-    every micro-batch and the shares are summed across processes, so the steps equal a single
-    process's (up to float summation order); only the main process writes logs and checkpoints.
+    every micro-batch, weighted by its share of the rows, and the shares are summed across
+    processes: the step equals a single process's when ``loss_fn`` is a mean over rows (a mean
+    over tokens differs by how unevenly the answer tokens fall between the shares). Only the main
+    process writes logs and checkpoints.
 
     ``loss_fn(model, list_of_rows)`` returns the mean loss of one micro-batch. Writes
     ``out_dir/train_log.jsonl`` (one line per step: step, loss, lr, seconds) and checkpoints under
