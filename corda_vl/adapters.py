@@ -25,7 +25,7 @@ from .config import DECOMPOSING, CordaConfig
 from .covariance import CovarianceStore
 from .decompose import (balance_factors, context_share, corda_factors, damp_covariance, factors_from,
                         identity_covariance, residual_weight)
-from .distributed import run_owned, share_results
+from .distributed import broadcast_parameters, is_distributed, run_owned, share_results
 from .errors import CordaError, DecompositionError, TargetError
 from .families import detect_family
 from .families.base import Family
@@ -249,6 +249,9 @@ def wrap_with_factors(model: nn.Module, targets: list[Target], config: CordaConf
     peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
     if factors is not None:
         _write_factors(peft_model, factors, adapter_name)
+    elif config.method == "pissa" and is_distributed():  # PEFT decomposed on every rank: keep rank 0's
+        broadcast_parameters([t.module.weight for t in targets] + [p for n, p in peft_model.named_parameters()
+                                                                    if "lora_" in n])
     # The init has been applied; a saved adapter must load as plain LoRA weights on the residual.
     peft_model.peft_config[adapter_name].init_lora_weights = True
     _register(peft_model, record)

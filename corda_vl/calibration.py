@@ -212,7 +212,8 @@ def collect_covariances(
     elif error is not None:
         raise error
     sums = {key: collector.sums.pop(key).result() for key in list(collector.sums)}  # one at a time: low peak
-    store = CovarianceStore(collector.inputs, sums, collector.counts)
+    # every rank must hold the same model: the reduce compares these fingerprints
+    store = CovarianceStore(collector.inputs, sums, collector.counts, model_fingerprint(model, [t.name for t in resolved]))
     if size > 1:
         all_reduce_store(store)
     if not store.sums:

@@ -54,20 +54,25 @@ def barrier() -> None:
 
 
 def comm_device() -> torch.device:
-    """Where collective tensors must live: the current CUDA device for NCCL, else the CPU."""
+    """Where collective tensors must live: this process's GPU for NCCL, else the CPU."""
     if is_distributed() and torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
+        return process_device("cuda")
     return torch.device("cpu")
 
 
-def init_from_launcher() -> tuple[int, int]:
+def init_from_launcher(timeout_minutes: float = 120) -> tuple[int, int]:
     """Join the process group that ``accelerate launch`` / ``torchrun`` set up in the environment
     (WORLD_SIZE > 1), through accelerate's PartialState: gloo on CPU, NCCL on GPUs, one GPU per
-    process. A no-op for a plain ``python`` run. Returns (rank, world size)."""
+    process. A no-op for a plain ``python`` run. Returns (rank, world size).
+
+    ``timeout_minutes``: how long a collective may wait. The recipes evaluate and save on the main
+    process while the others wait, which for a 7B model exceeds torch's 10-minute NCCL default."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
+        from datetime import timedelta
+
         from accelerate import PartialState
 
-        PartialState()
+        PartialState(timeout=timedelta(minutes=timeout_minutes))
     return world()
 
 
@@ -79,16 +84,23 @@ def process_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+_FIRST_DEPTH = [0]
+
+
 @contextmanager
 def main_process_first():
     """The main process runs the block first (e.g. builds a cached default model), the others
-    after it, finding its result. Also usable as a decorator."""
-    wait = is_distributed()
+    after it, finding its result. Also usable as a decorator. Re-entrant: only the outermost
+    level synchronises, so a nested build (the default LLaVA builds the default CLIP) does not
+    release the other ranks early."""
+    wait = is_distributed() and _FIRST_DEPTH[0] == 0
     if wait and not is_main_process():
         barrier()
+    _FIRST_DEPTH[0] += 1
     try:
         yield
     finally:
+        _FIRST_DEPTH[0] -= 1
         if wait and is_main_process():
             barrier()
 
@@ -102,7 +114,7 @@ def on_main(fn: Callable[[], T]) -> T:
     if is_main_process():
         try:
             box[0] = fn()
-        except Exception as exc:  # noqa: BLE001 - the other ranks must not wait forever
+        except BaseException as exc:  # noqa: BLE001 - the other ranks must not wait forever
             box[1] = f"{type(exc).__name__}: {exc}"
             torch.distributed.broadcast_object_list(box, src=0)
             raise
@@ -110,6 +122,18 @@ def on_main(fn: Callable[[], T]) -> T:
     if box[1] is not None:
         raise CordaError(f"process 0 failed: {box[1]}")
     return box[0]
+
+
+def broadcast_parameters(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """Collective: overwrite ``tensors`` on every rank with rank ``src``'s values (in place)."""
+    if not is_distributed():
+        return
+    device = comm_device()
+    with torch.no_grad():
+        for t in tensors:
+            buffer = t.detach().to(device).contiguous()
+            torch.distributed.broadcast(buffer, src=src)
+            t.copy_(buffer.to(t.device))
 
 
 def all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:

@@ -29,7 +29,7 @@ from .adapters import build_corda, build_record
 from .atomic import atomic_dir, atomic_file
 from .config import DECOMPOSING, CordaConfig
 from .covariance import CovarianceStore
-from .distributed import barrier, init_from_launcher, is_main_process, on_main, process_device
+from .distributed import init_from_launcher, is_main_process, on_main, process_device
 from .errors import CordaError
 from .interpolation import adapter_scale, initial_factors
 from .report import Run, Score, run_from_dict, run_to_dict
@@ -159,10 +159,11 @@ def calibrated_store(path: Path, model, make_batches: Callable[[], Any], *, resu
     t0 = time.perf_counter()
     store = collect_covariances(model, make_batches(), **kwargs)  # several processes: sharded, then summed
     seconds = time.perf_counter() - t0
-    if is_main_process():
+    def save():
         path.parent.mkdir(parents=True, exist_ok=True)
         store.save(path)
-    barrier()
+
+    on_main(save)  # writes on the main process; the others wait and share any error
     return store, seconds
 
 
@@ -170,11 +171,13 @@ def cached_scores(path: Path, evaluate: Callable[[], Scores], *, resume: bool) -
     """``evaluate()``, kept in ``path`` (JSON) so that ``--resume`` does not evaluate again."""
     if resume and path.is_file():
         return {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
-    scores = on_main(evaluate)  # evaluation runs once, on the main process
-    if is_main_process():
+    def evaluate_and_keep() -> Scores:
+        scores = evaluate()
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(scores, indent=2))
-    return scores
+        return scores
+
+    return on_main(evaluate_and_keep)  # once, on the main process
 
 
 @dataclass
@@ -225,9 +228,8 @@ def run_method(recipe: Recipe, method: str, store: CovarianceStore | None, befor
     peft_model = build_corda(recipe.load_model(), store if method in DECOMPOSING else None,
                              corda_config(cfg, method), progress=progress)
     seconds["build"] = time.perf_counter() - t0
-    main = is_main_process()  # several processes: all build and train, the main one evaluates and writes
-    if main:
-        save_corda(peft_model, out / "init", tokenizer=recipe.save_with, overwrite=True)
+    # several processes: all build and train; the main one evaluates and writes (on_main)
+    on_main(lambda: save_corda(peft_model, out / "init", tokenizer=recipe.save_with, overwrite=True))
     initial = initial_factors(peft_model)
     record = build_record(peft_model)
     budget = record.budget["budget"] if record is not None and record.budget else None
@@ -239,19 +241,22 @@ def run_method(recipe: Recipe, method: str, store: CovarianceStore | None, befor
     t0 = time.perf_counter()
     after = on_main(lambda: recipe.evaluate(peft_model))
     seconds["eval"] = time.perf_counter() - t0
-    if main:
+    def save_trained():
         with atomic_dir(out / "adapter", overwrite=True) as tmp:
             peft_model.save_pretrained(tmp)
         export_lora(peft_model, out / "init" / "adapter", out / "lora", overwrite=True)
+
+    on_main(save_trained)
     runs = [_run(recipe, method, trainable, budget, before, after, seconds)]
     for t in cfg.get("scales", []) if cfg.get("scale_sweep") else []:
         with adapter_scale(peft_model, initial, t):
             scores = on_main(lambda: recipe.evaluate(peft_model))
         runs.append(_run(recipe, method, trainable, budget, before, scores, {}, scale=t))
-    if main:
+    def keep_runs():
         with atomic_file(done) as tmp:
             tmp.write_text(json.dumps([run_to_dict(r) for r in runs], indent=2))
-    barrier()
+
+    on_main(keep_runs)
     return runs
 
 

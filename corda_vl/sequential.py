@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import tempfile
 from contextlib import nullcontext
+from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from .adapters import BuildRecord, _check_ranks, _check_untied, build_corda, decompose_targets, wrap_with_factors
 from .calibration import _Collector, _input_device, _warn_small
 from .config import CordaConfig
-from .covariance import CovarianceStore
+from .covariance import CovarianceStore, model_fingerprint
 from .distributed import all_reduce_store, gather_objects, is_main_process, raise_if_any_failed, world
 from .errors import CalibrationError, CordaError
 from .families import detect_family
@@ -95,54 +96,114 @@ def block_stack(model: nn.Module, targets: Sequence[Target]) -> tuple[str, nn.Mo
     return best
 
 
-def _capture_first_block(model: nn.Module, family: Family, block: nn.Module, batches: Iterable[Any],
-                         shard: tuple[int, int], cache: HiddenCache, progress: bool) -> list[tuple]:
-    """Run each batch of this rank up to ``block``; cache its hidden states, keep the rest of its
-    arguments (masks, position embeddings: small) and the token routes in memory."""
-    def stop(module, args, kwargs):
-        raise _Captured(args, kwargs)
+@dataclass
+class _Record:
+    """What one calibration batch needs to run block by block (its hidden states are in the cache)."""
 
-    records = []
+    index: int
+    routes: Any
+    hidden_dtype: torch.dtype
+    args: list[tuple]
+    """Per block: the positional arguments after the hidden states (usually none)."""
+    kwargs: list[dict]
+    """Per block: its keyword arguments (masks, position embeddings...). One entry when every
+    block received the very same objects (LLaMA); one per block when they differ (e.g. Qwen2 /
+    Gemma layers alternating full and sliding-window attention masks)."""
+
+    def call_args(self, block: int) -> tuple[tuple, dict]:
+        i = block if len(self.kwargs) > 1 else 0
+        return self.args[i], self.kwargs[i]
+
+
+def _same(a: Any, b: Any) -> bool:
+    """The same object, or equal plain values (tensors must be the very same tensor)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - objects without a usable ==
+        return False
+
+
+def _capture(model: nn.Module, family: Family, stack: nn.ModuleList, last: int, batches: Iterable[Any],
+             shard: tuple[int, int], cache: HiddenCache, progress: bool) -> list[_Record]:
+    """Run this rank's batches into the stack; cache the hidden states entering block 0 and keep
+    every block's other arguments. The first batch runs through blocks 0..``last`` to learn whether
+    the blocks all receive the same arguments; if they do, later batches stop at block 0."""
+    calls: dict[int, tuple[tuple, dict]] = {}
+    uniform: list[bool | None] = [None]
+
+    def pre_hook(i: int):
+        def hook(module, args, kwargs):
+            calls[i] = (args, kwargs)
+            if i == 0 and uniform[0]:
+                raise _Captured(args, kwargs)
+        return hook
+
+    def after_last(module, args, output):
+        raise _Captured((), {})
+
+    records: list[_Record] = []
     device = _input_device(model)
-    handle = block.register_forward_pre_hook(stop, with_kwargs=True)
+    handles = [block.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, block in enumerate(stack[:last + 1])]
+    handles.append(stack[last].register_forward_hook(after_last))
     try:
         total = len(batches) if hasattr(batches, "__len__") else None
         for index, raw in enumerate(tqdm(batches, total=total, desc="embedding", disable=not progress)):
             if index % shard[1] != shard[0]:
                 continue
             batch = batch_to_device(family.prepare(model, raw), device)
+            calls.clear()
             try:
                 with torch.no_grad():
                     family.forward(model, batch)
-            except _Captured as got:
-                args, kwargs = got.args_, dict(got.kwargs)
-                hidden, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
-                cache.put(len(records), hidden)
-                records.append((rest, kwargs, family.route(model, batch), index, hidden.dtype))
-            else:
+            except _Captured:
+                pass
+            if 0 not in calls:
                 raise CalibrationError("the forward pass never reached the first block of the stack holding the "
                                        "targets; layer-sequential calibration cannot be used with this model.")
+            args, kwargs = [], []
+            for i in sorted(calls):
+                a, k = calls[i][0], dict(calls[i][1])
+                hidden = a[0] if a else k.pop("hidden_states")
+                if i == 0:
+                    cache.put(len(records), hidden)
+                    hidden_dtype = hidden.dtype
+                args.append(tuple(a[1:]))
+                kwargs.append(k)
+            if uniform[0] is None:
+                uniform[0] = all(_same(args[i], args[0]) and k.keys() == kwargs[0].keys()
+                                 and all(_same(v, kwargs[0][key]) for key, v in k.items()) for i, k in enumerate(kwargs))
+            if uniform[0]:
+                args, kwargs = args[:1], kwargs[:1]
+            records.append(_Record(index, family.route(model, batch), hidden_dtype, args, kwargs))
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return records
 
 
-def _calibrate_block(block: nn.Module, targets: list[Target], records: list[tuple], cache: HiddenCache,
-                     dtype: torch.dtype, source: str) -> CovarianceStore:
-    """Covariances of ``targets`` (inside ``block``) over the cached inputs; advances the cache."""
+def _calibrate_block(i: int, block: nn.Module, targets: list[Target], records: list[_Record], cache: HiddenCache,
+                     dtype: torch.dtype, source: str, fingerprint: str) -> CovarianceStore:
+    """Covariances of ``targets`` (inside block ``i``) over the cached inputs; advances the cache."""
     collector = _Collector(targets, source, dtype, offload=False, stop_early=False)
     handles = [t.module.register_forward_pre_hook(collector.hook(t.name)) for t in targets]
     try:
         with torch.no_grad():
-            for j, (rest, kwargs, routes, index, hidden_dtype) in enumerate(records):
-                collector.start_batch(routes, index, None)
-                out = block(cache.get(j, hidden_dtype), *rest, **kwargs)
+            for j, rec in enumerate(records):
+                collector.start_batch(rec.routes, rec.index, None)
+                args, kwargs = rec.call_args(i)
+                out = block(cache.get(j, rec.hidden_dtype), *args, **kwargs)
                 cache.put(j, out[0] if isinstance(out, tuple) else out)
     finally:
         for handle in handles:
             handle.remove()
     sums = {key: collector.sums.pop(key).result() for key in list(collector.sums)}
-    return CovarianceStore(collector.inputs, sums, collector.counts)
+    return CovarianceStore(collector.inputs, sums, collector.counts, fingerprint)
 
 
 def build_corda_sequential(
@@ -194,36 +255,41 @@ def build_corda_sequential(
     record = BuildRecord(family.name, config.to_dict(), source)
     seen = CovarianceStore()
     peak = 0
+    blocks = {i: [t for t in targets if t.name.startswith(f"{stack_name}.{i}.")] for i in range(len(stack))}
+    last = max(i for i, inside in blocks.items() if inside)  # the blocks after it are not needed
     was_training = model.training
     model.eval()
-    with tempfile.TemporaryDirectory(dir=offload_dir) if offload_dir is not None else nullcontext() as tmp:
-        cache = HiddenCache(cache_dtype, tmp)
-        records, error = [], None
-        try:
-            records = _capture_first_block(model, family, stack[0], batches, (rank, size), cache, show)
-        except Exception as exc:  # noqa: BLE001 - agreed on across ranks, then re-raised
-            error = exc
-        raise_if_any_failed(error, CalibrationError)
-        if sum(gather_objects(len(records))) == 0:
-            raise CalibrationError("calibration saw no data: the batch iterable was empty. Pass at least one batch.")
-        for i, block in enumerate(tqdm(stack, desc="blocks (calibrate + decompose)", disable=not show)):
-            inside = [t for t in targets if t.name.startswith(f"{stack_name}.{i}.")]
+    try:
+        with tempfile.TemporaryDirectory(dir=offload_dir) if offload_dir is not None else nullcontext() as tmp:
+            cache = HiddenCache(cache_dtype, tmp)
+            records, error = [], None
             try:
-                store = _calibrate_block(block, inside, records, cache, dtype, source)
-            except Exception as exc:  # noqa: BLE001
-                store, error = None, exc
+                records = _capture(model, family, stack, last, batches, (rank, size), cache, show)
+            except Exception as exc:  # noqa: BLE001 - agreed on across ranks, then re-raised
+                error = exc
             raise_if_any_failed(error, CalibrationError)
-            if not inside:
-                continue
-            all_reduce_store(store)
-            peak = max(peak, store.nbytes())
-            seen.inputs.update(store.inputs)
-            seen.counts.update(store.counts)
-            block_factors, info = decompose_targets(inside, store, config, source, progress=False)
-            factors.update(block_factors)
-            record.modules.update(info)
-            del store
-    model.train(was_training)
+            if sum(gather_objects(len(records))) == 0:
+                raise CalibrationError("calibration saw no data: the batch iterable was empty. Pass at least one batch.")
+            for i in tqdm(range(last + 1), desc="blocks (calibrate + decompose)", disable=not show):
+                inside = blocks[i]
+                try:  # the fingerprint lets the reduce check that every rank holds the same model
+                    store = _calibrate_block(i, stack[i], inside, records, cache, dtype, source,
+                                             model_fingerprint(model, [t.name for t in inside]) if inside else "")
+                except Exception as exc:  # noqa: BLE001
+                    store, error = None, exc
+                raise_if_any_failed(error, CalibrationError)
+                if not inside:
+                    continue
+                all_reduce_store(store)
+                peak = max(peak, store.nbytes())
+                seen.inputs.update(store.inputs)
+                seen.counts.update(store.counts)
+                block_factors, info = decompose_targets(inside, store, config, source, progress=False)
+                factors.update(block_factors)
+                record.modules.update(info)
+                del store
+    finally:
+        model.train(was_training)
     _warn_small(seen, {t.name: t.d_in for t in targets})
     record.calibration = {"sequential": True, "blocks": len(stack), "peak_covariance_bytes": peak,
                           "cache_bytes": cache.nbytes, "cache_on_disk": offload_dir is not None}

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_dir
-from .distributed import all_reduce_gradients, all_reduce_sum, world
+from .distributed import all_reduce_gradients, all_reduce_sum, broadcast_parameters, world
 from .errors import CordaError
 
 CHECKPOINTS = "checkpoints"
@@ -218,12 +218,17 @@ def train(model: nn.Module, rows: Sequence[Any], loss_fn: Callable[[nn.Module, l
     if config.batch_size < size:
         raise CordaError(f"train: batch_size={config.batch_size} is below the number of processes ({size}); each "
                          f"process needs at least one row per micro-batch. Raise batch_size or launch fewer processes.")
-    accelerator = Accelerator(mixed_precision=config.resolved_precision(), cpu=not torch.cuda.is_available())
+    on_cpu = next(iter(params.values())).device.type == "cpu"
+    accelerator = Accelerator(mixed_precision=config.resolved_precision(), cpu=on_cpu or not torch.cuda.is_available())
+    if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
+        raise CordaError(f"train: {accelerator.distributed_type.value} launch configs are not supported; the adapter "
+                         f"is small, so plain data parallelism (accelerate launch --num_processes N) is what it needs.")
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     # Only the optimiser goes through accelerate: wrapping the model in DDP would hide the methods
-    # the losses call (CLIP's get_image_features...); the adapter's gradients are summed by hand.
+    # the losses call (CLIP's get_image_features...); the adapter's gradients are summed by hand,
+    # and every rank starts from rank 0's adapter (as DDP would), e.g. LoRA's random A.
     optimizer = accelerator.prepare(optimizer)
-    model.to(accelerator.device)
+    broadcast_parameters(list(params.values()))
     start, resumed = 0, None
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint is not None:

@@ -9,12 +9,16 @@ process, outside torchrun) can compare ranks with each other and with a single-p
 * ``<method>.safetensors``: adapter factors and residual weights built from REFERENCE_STORE (a
   store file the test wrote), so the decompositions of every run start from identical input
 * ``sequential.safetensors``: build_corda_sequential on the same batches (sharded, per-block reduce)
+* ``trained.safetensors``: a LoRA trained 3 steps (each rank seeded differently before building it)
+* ``fingerprint_error.txt``: rank 1 calibrated a model with other weights
+* ``nested.txt`` (rank 1): whether rank 0 had finished the outer of two nested main-first blocks
 * ``calibration_error.txt`` / ``decomposition_error.txt``: what a rank raised when another rank
   failed (rank 1 gets a NaN batch / a failing decomposition)
 """
 
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -25,6 +29,8 @@ from conftest import clip_batches, text_batches, tiny_clip, tiny_llama
 from safetensors.torch import save_file
 
 from corda_vl import adapters
+from corda_vl.distributed import main_process_first
+from corda_vl.training import TrainConfig, train
 from corda_vl import CordaConfig, CovarianceStore, build_corda, build_corda_sequential, collect_covariances
 
 METHODS = {
@@ -66,6 +72,34 @@ def main(out: Path, reference: Path) -> None:
         collect_covariances(tiny_llama(), batches, progress=False)
     except Exception as exc:  # noqa: BLE001 - the test reads the message
         (here / "calibration_error.txt").write_text(f"{type(exc).__name__}: {exc}")
+
+    torch.manual_seed(rank)  # a different random LoRA A on each rank: training must start from rank 0's
+    lora = build_corda(tiny_llama(), None, CordaConfig(method="lora", r=4), progress=False)
+    ids = text_batches(1, batch_size=8, pad=False)[0]["input_ids"]
+
+    def loss_fn(m, rows):  # a mean over rows: the 2-process step equals the 1-process step
+        return m(input_ids=ids[rows]).logits.float().pow(2).mean()
+
+    config = TrainConfig(steps=3, batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=1, seed=0, checkpoint_every=0)
+    train(lora, list(range(8)), loss_fn, config, here / "train", progress=False)
+    save_file(adapter_tensors(lora), str(here / "trained.safetensors"))
+
+    model = tiny_llama()
+    if rank == 1:  # another checkpoint on this rank
+        model.model.layers[0].mlp.down_proj.weight.data *= 1.5
+    try:
+        collect_covariances(model, text_batches(2), progress=False)
+    except Exception as exc:  # noqa: BLE001
+        (here / "fingerprint_error.txt").write_text(f"{type(exc).__name__}: {exc}")
+
+    with main_process_first():  # nested, as the default LLaVA's build builds the default CLIP
+        with main_process_first():
+            pass
+        if rank == 0:
+            time.sleep(0.3)
+            (out / "outer_done").write_text("built")
+        else:
+            (here / "nested.txt").write_text(str((out / "outer_done").exists()))
 
     if rank == 1:  # every decomposition on this rank fails
         def broken(*args, **kwargs):

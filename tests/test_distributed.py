@@ -101,6 +101,27 @@ def test_a_failure_on_one_rank_raises_on_every_rank(runs):
     assert not (runs / "one" / "rank0" / "decomposition_error.txt").exists()
 
 
+def test_training_on_two_ranks_starts_from_rank_0_and_equals_one_process(runs):
+    one = load_file(str(runs / "one" / "rank0" / "trained.safetensors"))
+    ranks = [load_file(str(runs / "two" / f"rank{r}" / "trained.safetensors")) for r in (0, 1)]
+    moved = False
+    for name, tensor in one.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert torch.allclose(ranks[0][name], tensor, rtol=1e-4, atol=1e-6), name
+        moved |= "lora_B" in name and bool(tensor.abs().max() > 0)
+    assert moved  # the steps really changed the adapter
+
+
+def test_ranks_holding_different_models_are_refused(runs):
+    for rank in (0, 1):
+        assert "calibrated different models" in (runs / "two" / f"rank{rank}" / "fingerprint_error.txt").read_text()
+    assert not (runs / "one" / "rank0" / "fingerprint_error.txt").exists()
+
+
+def test_nested_main_first_blocks_release_the_others_only_after_the_outermost(runs):
+    assert (runs / "two" / "rank1" / "nested.txt").read_text() == "True"
+
+
 def test_owners_balance_the_cost_and_agree_everywhere():
     costs = {"a": 8.0, "b": 7.0, "c": 6.0, "d": 5.0, "e": 4.0}
     owners = assign_owners(costs, 2)

@@ -115,7 +115,13 @@ def test_recipe_under_accelerate_launch_with_two_processes_matches_one(tmp_path)
 
     args = ("--methods", "lora,corda")  # corda++'s sharded path: tests/test_distributed.py
     run_recipe("llama_kpm", tmp_path / "one", *args)
+    import socket
+
+    with socket.socket() as sock:  # a free port: the default 29500 may be taken on a shared host
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", str(port),
            "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
            str(ROOT / "recipes" / "llama_kpm.py"), "--smoke", "--output-dir", str(tmp_path / "two"), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})

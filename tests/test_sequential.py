@@ -126,3 +126,24 @@ def test_calibrate_and_build_goes_sequential_only_over_the_memory_limit():
     with pytest.raises(CordaError, match="cannot run layer-sequentially"):
         calibrate_and_build(tiny_llama(), text_batches(3), CordaConfig(method="corda++", r=4), memory_limit=1000,
                             progress=False)
+
+
+def tiny_qwen2_sliding(layer_types):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=len(layer_types),
+                         num_attention_heads=4, num_key_value_heads=4, use_sliding_window=True, sliding_window=4,
+                         max_window_layers=1, layer_types=layer_types, attn_implementation="eager")
+    return Qwen2ForCausalLM(config).eval()
+
+
+def test_blocks_with_their_own_masks_get_their_own_arguments():
+    """Qwen2 / Gemma-style stacks alternate full and sliding-window attention: each block must be
+    replayed with the mask it gets in the full forward, not block 0's."""
+    layer_types = ["full_attention", "sliding_attention", "full_attention"]
+    batches = text_batches(3, length=24, pad=False)
+    config = CordaConfig(r=4, mode="ipm")
+    want, _ = all_at_once(tiny_qwen2_sliding(layer_types), batches, config)
+    got = build_corda_sequential(tiny_qwen2_sliding(layer_types), batches, config, progress=False)
+    assert_same_state(got, want)
