@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vs_peft import PROJECTIONS, reset_peak_rss, setup, status_mb  # noqa: E402
+from vs_peft import PROJECTIONS, add_setting_arguments, reset_peak_rss, setup, status_mb  # noqa: E402
 
 PATHS = ("all", "sequential", "disk")
 
@@ -94,12 +94,7 @@ def compare(a: dict, b: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", default="kpm", choices=["kpm", "ipm"])
-    parser.add_argument("--seqs", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--json", help="also write the raw figures to this file")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_setting_arguments(parser)
     parser.add_argument("--save", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -171,15 +171,20 @@ def spawn(args, name: str) -> dict:
     raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", nargs="+", default=["kpm", "ipm"], choices=["kpm", "ipm"])
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark setting (DESIGN.md §6) and the worker plumbing, shared by the SmolLM2 benchmarks."""
     parser.add_argument("--seqs", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8, help="our calibration batch size (PEFT needs 1)")
     parser.add_argument("--json", help="also write the raw figures to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", nargs="+", default=["kpm", "ipm"], choices=["kpm", "ipm"])
+    add_setting_arguments(parser)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
