@@ -14,9 +14,13 @@ the shape have?" -> circle "0", triangle "3", rectangle "4"; VQA accuracy on hel
 Knowledge to keep: easy-VQA itself (accuracy on held-out questions) and, text only through the
 same model, capitals of held-out countries (3-shot exact match). KPM calibrates on easy-VQA train
 questions + answers with their images (the vision tower sees the pictures; the language layers see
-image tokens and text tokens, kept apart as calib/image and calib/text, between which corda++
-chooses per layer) and on capital Q&A and fact paragraphs of *other* countries; IPM calibrates on
-the task rows instead.
+image tokens and text tokens, also kept apart as calib/image and calib/text) and on capital Q&A
+and fact paragraphs of *other* countries; IPM calibrates on the task rows instead. corda++ uses the
+whole covariance (YAML `cordapp: {candidates: [calib]}`): offered calib/image, it took it for
+nearly every language layer and lost every easy-VQA answer.
+Training (YAML): 100 steps x 8 rows at lr 5e-4. The task is one question type with number answers,
+so too much training teaches the model to answer *every* question with a number: at lr 2e-3 all
+three methods answered every easy-VQA question with a corner count (0 %).
 
 Flow: evaluate the base model -> calibrate -> for each method: build, train (same rows, same
 steps), evaluate, save -> results.json / report.md / plot.png in --output-dir. Settings:
