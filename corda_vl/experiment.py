@@ -141,14 +141,17 @@ def corda_config(cfg: dict, method: str) -> CordaConfig:
 
 
 def calibrated_store(path: Path, model, make_batches: Callable[[], Any], *, resume: bool, cfg: dict | None = None,
-                     **kwargs) -> tuple[CovarianceStore, float]:
+                     **kwargs) -> tuple[CovarianceStore | None, float]:
     """(store, seconds): collect_covariances over ``make_batches()``, saved to ``path``; with
     ``resume`` an existing file is loaded instead (refused if it belongs to another model).
     ``cfg`` (a recipe config) limits the hooks to the modules the methods adapt (its groups,
     target_modules, exclude_modules) and sets the number of random splits (calib_splits) and the
-    per-sample weighting (calib_sample_scale)."""
+    per-sample weighting (calib_sample_scale); when none of its methods reads covariances, nothing
+    is calibrated and the store is None."""
     from .calibration import collect_covariances
 
+    if cfg is not None and not any(m in DECOMPOSING for m in cfg["methods"]):
+        return None, 0.0
     if cfg is not None:
         defaults = {"groups": cfg.get("groups"), "targets": cfg.get("target_modules"),
                     "exclude": cfg.get("exclude_modules"), "splits": cfg.get("calib_splits", 1),

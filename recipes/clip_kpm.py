@@ -121,11 +121,9 @@ def loss_fn(m, batch):
 
 
 # --- calibrate once; every CorDA method reads the same store ----------------------------------
-needs_store = any(m in ("corda", "corda++") for m in cfg["methods"])
-store, calib_s = None, 0.0
-if needs_store:
-    store, calib_s = calibrated_store(
-        out_dir / f"covariances_{cfg['mode']}.safetensors", model, calib_batches, resume=args.resume, cfg=cfg)
+store, calib_s = calibrated_store(
+    out_dir / f"covariances_{cfg['mode']}.safetensors", model, calib_batches, resume=args.resume, cfg=cfg)
+if store is not None:
     print(f"calibrated ({cfg['mode']}) on {len(calib_images)} images + {len(calib_prompts)} prompts in "
           f"{calib_s:.1f} s: {len(store.modules)} modules, {len(store.sums)} covariances")
 

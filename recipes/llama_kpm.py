@@ -75,13 +75,11 @@ def loss_fn(m, rows):
 
 
 # --- calibrate once; every CorDA method reads the same store ----------------------------------
-needs_store = any(m in ("corda", "corda++") for m in cfg["methods"])
-store, calib_s = None, 0.0
-if needs_store:
-    store, calib_s = calibrated_store(
-        out_dir / f"covariances_{cfg['mode']}.safetensors", model,
-        lambda: padded_batches(tokenizer, calib_texts, batch_size=cfg["calib_batch_size"]),
-        resume=args.resume, cfg=cfg)
+store, calib_s = calibrated_store(
+    out_dir / f"covariances_{cfg['mode']}.safetensors", model,
+    lambda: padded_batches(tokenizer, calib_texts, batch_size=cfg["calib_batch_size"]),
+    resume=args.resume, cfg=cfg)
+if store is not None:
     print(f"calibrated ({cfg['mode']}) on {len(calib_texts)} texts in {calib_s:.1f} s: "
           f"{len(store.modules)} modules, {len(store.sums)} covariances")
 

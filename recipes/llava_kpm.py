@@ -117,12 +117,10 @@ def loss_fn(m, rows):
 
 
 # --- calibrate once (the modules the methods adapt); every CorDA method reads the same store ----
-needs_store = any(m in ("corda", "corda++") for m in cfg["methods"])
-store, calib_s = None, 0.0
-if needs_store:
-    groups = "+".join(cfg["groups"] or ["language"])
-    store, calib_s = calibrated_store(out_dir / f"covariances_{cfg['mode']}_{groups}.safetensors", model,
-                                      calibration_batches, resume=args.resume, cfg=cfg)
+groups = "+".join(cfg["groups"] or ["language"])
+store, calib_s = calibrated_store(out_dir / f"covariances_{cfg['mode']}_{groups}.safetensors", model,
+                                  calibration_batches, resume=args.resume, cfg=cfg)
+if store is not None:
     print(f"calibrated ({cfg['mode']}) on {len(calib_rows)} image rows"
           f"{f' + {len(known)} texts' if cfg['mode'] == 'kpm' else ''} in {calib_s:.1f} s: "
           f"{len(store.modules)} modules, sources {', '.join(store.sources)}")
