@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .adapters import BuildRecord, _check_ranks, _check_untied, build_corda, decompose_targets, wrap_with_factors
 from .calibration import _Collector, _input_device, _warn_small
-from .config import CordaConfig
+from .config import DECOMPOSING, CordaConfig
 from .covariance import CovarianceStore, model_fingerprint
 from .distributed import all_reduce_store, gather_objects, is_main_process, raise_if_any_failed, world
 from .errors import CalibrationError, CordaError
@@ -238,7 +238,7 @@ def build_corda_sequential(
     that need no covariances (lora, pissa, milora) go straight to :func:`build_corda`.
     """
     config = config or CordaConfig()
-    if config.method in ("lora", "pissa", "milora"):
+    if config.method not in DECOMPOSING:  # lora, pissa, milora: no covariances to collect
         return build_corda(model, None, config, adapter_name=adapter_name, family=family, progress=progress)
     if config.method != "corda":
         raise CordaError(f"layer-sequential building supports method='corda' (KPM or IPM), not {config.method!r}: "
@@ -317,7 +317,7 @@ def calibrate_and_build(
     from .memory import plan_memory
 
     config = config or CordaConfig()
-    if config.method in ("lora", "pissa", "milora"):
+    if config.method not in DECOMPOSING:  # lora, pissa, milora: no covariances to collect
         return build_corda(model, None, config, progress=progress)
     needed = None
     if memory_limit is not None:
