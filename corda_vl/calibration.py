@@ -212,9 +212,9 @@ def collect_covariances(
     elif error is not None:
         raise error
     sums = {key: collector.sums.pop(key).result() for key in list(collector.sums)}  # one at a time: low peak
-    # every rank must hold the same model: the reduce compares these fingerprints
-    store = CovarianceStore(collector.inputs, sums, collector.counts, model_fingerprint(model, [t.name for t in resolved]))
-    if size > 1:
+    store = CovarianceStore(collector.inputs, sums, collector.counts)
+    if size > 1:  # every rank must hold the same model: the reduce compares these fingerprints
+        store.fingerprint = model_fingerprint(model, [t.name for t in resolved])
         all_reduce_store(store)
     if not store.sums:
         raise CalibrationError("calibration saw no data: the batch iterable was empty or no target "

@@ -274,7 +274,8 @@ def build_corda_sequential(
                 inside = blocks[i]
                 try:  # the fingerprint lets the reduce check that every rank holds the same model
                     store = _calibrate_block(i, stack[i], inside, records, cache, dtype, source,
-                                             model_fingerprint(model, [t.name for t in inside]) if inside else "")
+                                             model_fingerprint(model, [t.name for t in inside])
+                                             if inside and size > 1 else "")
                 except Exception as exc:  # noqa: BLE001
                     store, error = None, exc
                 raise_if_any_failed(error, CalibrationError)
