@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .covariance import CovarianceStore, model_fingerprint
-from .distributed import all_reduce_store, raise_if_any_failed, world
+from .distributed import agreed, all_reduce_store, world
 from .errors import CalibrationError
 from .families import detect_family
 from .families.base import Family, Routes, batch_to_device
@@ -202,15 +202,9 @@ def collect_covariances(
     rank, size = world() if distributed else (0, 1)
     shard = size if distributed in ("auto", True) else 1
     collector = _Collector(resolved, source, dtype, offload, stop_early, sample_scale)
-    error = None
-    try:
-        _run_batches(model, family, batches, collector, splits, (rank % shard, shard), progress and rank == 0)
-    except Exception as exc:  # noqa: BLE001 - agreed on below, then re-raised
-        error = exc
-    if size > 1:  # the other ranks must not wait forever in the reduce for a rank that failed
-        raise_if_any_failed(error, CalibrationError)
-    elif error is not None:
-        raise error
+    # several ranks: a failure is agreed on, so no rank waits forever in the reduce below
+    agreed(lambda: _run_batches(model, family, batches, collector, splits, (rank % shard, shard), progress and rank == 0),
+           CalibrationError, collective=size > 1)
     sums = {key: collector.sums.pop(key).result() for key in list(collector.sums)}  # one at a time: low peak
     store = CovarianceStore(collector.inputs, sums, collector.counts)
     if size > 1:  # every rank must hold the same model: the reduce compares these fingerprints

@@ -14,7 +14,7 @@ unconditionally.
   holds bit-identical factors (no per-rank sign flips of singular vectors).
 
 Collectives deadlock if one rank raises while the others wait, so failures are first agreed on
-(:func:`raise_if_any_failed`): a rank that fails tells the others, and all raise the same error.
+(:func:`agreed`): a rank that fails tells the others, and all raise the same error.
 """
 
 from __future__ import annotations
@@ -184,6 +184,21 @@ def raise_if_any_failed(error: BaseException | None, kind: type[Exception] = Cor
             raise kind(f"process {rank} failed: {message}")
 
 
+def agreed(fn: Callable[[], T], kind: type[Exception] = CordaError, *, collective: bool = True) -> T:
+    """``fn()``, with its failure agreed on across ranks (when ``collective``): the rank that
+    raised re-raises its error, every other rank raises ``kind`` naming it, so no rank is left
+    waiting in the next collective. ``collective=False``: a plain call (per-rank work)."""
+    try:
+        result = fn()
+    except Exception as exc:
+        if collective:
+            raise_if_any_failed(exc, kind)
+        raise
+    if collective:
+        raise_if_any_failed(None, kind)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # Calibration
 
@@ -269,15 +284,16 @@ def run_owned(by_input: Mapping[str, list[Any]], work: Callable[[str, list[Any]]
 
     mine = owned_keys(by_input)
     bar = tqdm(total=sum(len(by_input[k]) for k in mine), desc=desc, disable=not (progress and is_main_process()))
-    error = None
-    try:
+
+    def work_on_mine() -> None:
         for key in mine:
             work(key, by_input[key])
             bar.update(len(by_input[key]))
-    except Exception as exc:  # noqa: BLE001 - agreed on across ranks, then re-raised
-        error = exc
-    bar.close()
-    raise_if_any_failed(error, kind)
+
+    try:
+        agreed(work_on_mine, kind)
+    finally:
+        bar.close()
 
 
 def decomposition_cost(d_in: int, shapes: list[tuple[int, int]]) -> float:

@@ -32,7 +32,7 @@ from .adapters import BuildRecord, _check_ranks, _check_untied, build_corda, dec
 from .calibration import _Collector, _input_device, _warn_small
 from .config import DECOMPOSING, CordaConfig
 from .covariance import CovarianceStore, model_fingerprint
-from .distributed import all_reduce_store, gather_objects, is_main_process, raise_if_any_failed, world
+from .distributed import agreed, all_reduce_store, gather_objects, is_main_process, world
 from .errors import CalibrationError, CordaError
 from .families import detect_family
 from .families.base import Family, batch_to_device
@@ -262,23 +262,16 @@ def build_corda_sequential(
     try:
         with tempfile.TemporaryDirectory(dir=offload_dir) if offload_dir is not None else nullcontext() as tmp:
             cache = HiddenCache(cache_dtype, tmp)
-            records, error = [], None
-            try:
-                records = _capture(model, family, stack, last, batches, (rank, size), cache, show)
-            except Exception as exc:  # noqa: BLE001 - agreed on across ranks, then re-raised
-                error = exc
-            raise_if_any_failed(error, CalibrationError)
+            records = agreed(lambda: _capture(model, family, stack, last, batches, (rank, size), cache, show),
+                             CalibrationError)
             if sum(gather_objects(len(records))) == 0:
                 raise CalibrationError("calibration saw no data: the batch iterable was empty. Pass at least one batch.")
             for i in tqdm(range(last + 1), desc="blocks (calibrate + decompose)", disable=not show):
                 inside = blocks[i]
-                try:  # the fingerprint lets the reduce check that every rank holds the same model
-                    store = _calibrate_block(i, stack[i], inside, records, cache, dtype, source,
-                                             model_fingerprint(model, [t.name for t in inside])
-                                             if inside and size > 1 else "")
-                except Exception as exc:  # noqa: BLE001
-                    store, error = None, exc
-                raise_if_any_failed(error, CalibrationError)
+                # the fingerprint lets the reduce check that every rank holds the same model
+                fingerprint = model_fingerprint(model, [t.name for t in inside]) if inside and size > 1 else ""
+                store = agreed(lambda: _calibrate_block(i, stack[i], inside, records, cache, dtype, source, fingerprint),
+                               CalibrationError)
                 if not inside:
                     continue
                 all_reduce_store(store)
