@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import warnings
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ from torch import nn
 from .calibration import collect_covariances
 from .errors import CordaError
 from .families import detect_family
+from .sequential import blocks_of
 from .targets import Target, resolve_targets
 
 GIB = 2**30
@@ -263,22 +263,11 @@ def _probe_sharing(model, family, names, groups, targets, exclude):
     return {n: store.inputs.get(n, n) for n in names}, {**{n: ["?"] for n in unreached}, **sources}, how
 
 
-def _blocks(model: nn.Module, names: list[str]) -> dict[str, str]:
-    """Module name -> its block (outermost repeated-layer ModuleList child, else itself)."""
-    lists = sorted((n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) >= 2
-                    and len({type(c) for c in m}) == 1), key=len)
-    out = {}
-    for name in names:
-        hits = [re.match(rf"({re.escape(p)}\.\d+)\.", name) for p in lists]
-        out[name] = next((h.group(1) for h in hits if h), name)
-    return out
-
-
 def _block_memory(model: nn.Module, resolved: list[Target], inputs: dict[str, str], sources: dict[str, list[str]],
                   tokens: int, image_rows: int, cache_size: int) -> tuple[BlockMemory, ...]:
     """Covariances (by input key), cache and workspace of every block, in model order."""
     by_name = {t.name: t for t in resolved}
-    block_of = _blocks(model, list(by_name))
+    block_of = blocks_of(model, list(by_name))
     cov: dict[str, int] = {}
     for key in dict.fromkeys(inputs.values()):
         cov[block_of[key]] = cov.get(block_of[key], 0) + by_name[key].d_in ** 2 * len(sources[key])
