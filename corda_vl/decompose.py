@@ -17,7 +17,7 @@ Notation (DESIGN.md §2): ``W`` is d_out x d_in, ``C`` the d_in x d_in input cov
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,10 +33,17 @@ class DampedCovariance:
     damping: float
     scale: float
     """mean(diag C') the matrix was divided by (1.0 when not normalised)."""
+    _single: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def dim(self) -> int:
         return self.matrix.shape[0]
+
+    def float32(self) -> torch.Tensor:
+        """C' in float32, cast once and shared by every module that reads this input."""
+        if self._single is None:
+            self._single = self.matrix.float()
+        return self._single
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """C'^{-1} @ rhs through the Cholesky factor: two triangular solves (what cholesky_solve
@@ -59,13 +66,15 @@ def damp_covariance(
     diag = c.diagonal()
     if not torch.isfinite(diag).all():  # x_i NaN/Inf puts NaN/Inf on the diagonal (Cauchy-Schwarz)
         raise DecompositionError(f"{name}: the covariance contains NaN/Inf; recalibrate (see CalibrationError).")
-    mean_diag = diag.mean()
+    mean_diag = float(diag.mean())
     if mean_diag <= 0:
         raise DecompositionError(f"{name}: the covariance is zero (the module only saw zero inputs); "
                                  f"calibrate with data that reaches it or exclude it.")
     for lam in damping:
-        damped = c.clone()
-        damped.diagonal().add_(lam * mean_diag)
+        # C' / mean(diag C') written in one pass: mean(diag C') = mean(diag C) * (1 + lam)
+        scale = mean_diag * (1 + lam) if normalize else 1.0
+        damped = c / scale
+        damped.diagonal().add_(lam * mean_diag / scale)
         factor, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             break
@@ -75,11 +84,6 @@ def damp_covariance(
             f"(schedule {damping}). Calibrate on more, and more varied, tokens, or extend "
             f"CordaConfig.damping with larger values."
         )
-    scale = 1.0
-    if normalize:
-        scale = float(damped.diagonal().mean())
-        damped.div_(scale)
-        factor.div_(math.sqrt(scale))
     return DampedCovariance(damped, factor, float(lam), scale)
 
 
@@ -99,7 +103,9 @@ class CoSVD:
     singular_values: torch.Tensor
     """All singular values, descending (top ones only for svd='lowrank')."""
     path: str = "full"
-    """How they were computed: 'float32+rr', 'full' or 'lowrank'."""
+    """How they were computed: 'fast+rr', 'full' or 'lowrank'."""
+    VhCinv: torch.Tensor | None = None
+    """V^T C'^{-1} when it was obtained without a solve (see :func:`_rayleigh_ritz`)."""
 
     @property
     def context_share(self) -> float:
@@ -112,7 +118,7 @@ def context_share(selected: torch.Tensor, singular_values: torch.Tensor) -> floa
     return float(selected.square().sum().sqrt() / singular_values.double().square().sum().sqrt())
 
 
-# svd='auto': a float32 candidate is kept when float64 confirms it within this relative slack...
+# svd='auto': a fast candidate is kept when float64 confirms it within this relative slack...
 AUTO_SLACK = 1e-2
 
 
@@ -120,71 +126,74 @@ def _select(k: int, r: int, mode: str) -> slice:
     return slice(0, r) if mode == "ipm" else slice(k - r, k)
 
 
-def _rayleigh_ritz(weight: torch.Tensor, cov: DampedCovariance, basis: torch.Tensor, side: str,
-                   power_steps: int = 0) -> CoSVD:
+def _rayleigh_ritz(weight: torch.Tensor, cov: DampedCovariance, basis: torch.Tensor, side: str) -> CoSVD:
     """The best triplets of M = W C' within span(basis), in the covariance's dtype.
 
     ``side='right'``: basis spans right singular vectors (M Q = U_z S_z W_z^T gives V = Q W_z);
     ``side='left'``: it spans left ones (M^T Q = V_z S_z W_z^T gives U = Q W_z). M is never formed.
-    ``power_steps`` subspace-iteration steps first multiply every direction of the basis by its
-    squared singular value, which wipes out small rounding components along weak directions
-    (those are the ones C'^{-1} amplifies when A is formed).
+    On the left side U^T M = S V^T holds by construction, hence V^T C'^{-1} = S^{-1} U^T W: A
+    needs no solve, and rounding in the basis along weak input directions is not amplified by
+    C'^{-1} (with a right basis from float32 it made ||A|| up to 100x too large on SmolLM2, IPM).
     """
     c, w = cov.matrix, weight.to(cov.matrix.dtype)
     q, _ = torch.linalg.qr(basis.to(c.dtype))
-    for _ in range(power_steps):
-        q, _ = torch.linalg.qr(c @ (w.T @ (w @ (c @ q))) if side == "right" else w @ (c @ (c @ (w.T @ q))))
     if side == "right":
         u, s, wh = torch.linalg.svd(w @ (c @ q), full_matrices=False)
         return CoSVD(u, s, (q @ wh.T).T, s)
-    v, s, wh = torch.linalg.svd(c @ (w.T @ q), full_matrices=False)
-    return CoSVD(q @ wh.T, s, v.T, s)
+    wtq = w.T @ q
+    v, s, wh = torch.linalg.svd(c @ wtq, full_matrices=False)
+    utw = (wtq @ wh.T).T  # U^T W
+    positive = s > 0  # a zero singular value has U^T W = 0: its row of A is zero either way
+    vh_cinv = torch.where(positive[:, None], utw / torch.where(positive, s, 1)[:, None], 0)
+    return CoSVD(q @ wh.T, s, v.T, s, VhCinv=vh_cinv)
 
 
-def _float32_basis(m32: torch.Tensor, r: int, mode: str) -> tuple[torch.Tensor, str, torch.Tensor]:
-    """(basis of the selected singular subspace, its side, all singular values) in float32.
+def _fast_basis(m32: torch.Tensor, r: int, mode: str) -> tuple[torch.Tensor, str, torch.Tensor]:
+    """(basis of the selected singular subspace, its side, all singular values, descending).
 
-    KPM: full SVD (the tail needs it). IPM: eigendecomposition of the smaller Gram matrix (the
-    head is well separated, and eigh is ~3x cheaper than the SVD)."""
-    if mode == "kpm":
-        _, s32, vh32 = torch.linalg.svd(m32, full_matrices=False)
-        return vh32[-r:].T, "right", s32
-    right = m32.shape[1] <= m32.shape[0]
-    evals, evecs = torch.linalg.eigh(m32.T @ m32 if right else m32 @ m32.T)
-    return evecs[:, -r:].flip(1), "right" if right else "left", evals.flip(0).clamp_min(0).sqrt()
-
-
-def _float32_candidate(weight: torch.Tensor, cov: DampedCovariance, r: int, mode: str) -> CoSVD | None:
-    """Selected triplets from a float32 decomposition, refined and checked in float64.
-
-    The float32 subspace is refined by a float64 Rayleigh-Ritz step, which also *measures*
-    what the selected components carry, ``||M V_r||_F^2``, against float32's own claim (the
-    sum of its selected squared singular values). Kept when
-      KPM: carried <= (1 + slack)^2 * claim + k * eps32^2 * ||M||_F^2: float32 was accurate
-           where the tail is resolved, and where it lies below float32's resolution the chosen
-           directions carry less than sqrt(k) * eps32 ~ 3e-6 of the context, so any choice among
-           them is equally negligible (the exact float64 tail can only be lower);
-      IPM: carried >= (1 - slack)^2 * claim (the head captures what float32 said it would).
-    Otherwise None: the caller computes the exact float64 SVD. On SmolLM2-135M (KPM, r = 32) a
-    float32 tail carries at most 35x the exact tail's context in 2 of 210 modules, both below
-    1e-8 of the layer's context (benchmarks/kpm_precision.py).
+    Both from an eigendecomposition of the smaller Gram matrix of M (M^T M or M M^T), which is
+    several times cheaper than an SVD. KPM: float64 Gram of the float32 M (its tail needs
+    squared singular values resolved far below float32's eps; measured on SmolLM2 it carries
+    less excess context than a float32 SVD's tail). IPM: float32 (the head is well separated);
+    a right basis is mapped to a left one (M V spans U), so A needs no solve.
     """
-    m32 = weight.float() @ cov.matrix.float()
-    basis, side, s32 = _float32_basis(m32, r, mode)
-    # IPM: two float64 power steps clean the float32 head of rounding along weak directions,
-    # which A = S^1/2 V^T C'^-1 would otherwise amplify (measured: up to 100x larger ||A||).
-    triplets = _rayleigh_ritz(weight, cov, basis, side, power_steps=2 if mode == "ipm" else 0)
-    total = s32.double().square().sum()
-    carried = triplets.S.double().square().sum()
-    claim = s32[_select(s32.shape[0], r, mode)].double().square().sum()
+    right = m32.shape[1] <= m32.shape[0]
+    m = m32.double() if mode == "kpm" else m32
+    evals, evecs = torch.linalg.eigh(m.T @ m if right else m @ m.T)  # ascending
+    values = evals.flip(0).clamp_min(0).sqrt()
     if mode == "kpm":
-        noise = s32.shape[0] * torch.finfo(torch.float32).eps ** 2 * total
+        return evecs[:, :r], "right" if right else "left", values
+    head = evecs[:, -r:]
+    return (m32 @ head if right else head), "left", values
+
+
+def _fast_candidate(weight: torch.Tensor, cov: DampedCovariance, r: int, mode: str) -> CoSVD | None:
+    """Selected triplets from :func:`_fast_basis`, refined and checked in float64.
+
+    The subspace is refined by a float64 Rayleigh-Ritz step, which also *measures* what the
+    selected components carry, ``||M V_r||_F^2``, against the basis's own claim (the sum of its
+    selected squared singular values, from M in float32). Kept when
+      KPM: carried <= (1 + slack)^2 * claim + k * eps32^2 * ||M||_F^2: the basis was accurate
+           where the tail is resolved, and where it lies below float32's resolution of M the
+           chosen directions carry less than sqrt(k) * eps32 ~ 3e-6 of the context, so any
+           choice among them is equally negligible (the exact float64 tail can only be lower);
+      IPM: carried >= (1 - slack)^2 * claim (the head captures what the basis said it would).
+    Otherwise None: the caller computes the exact float64 SVD.
+    """
+    m32 = weight.float() @ cov.float32()
+    basis, side, values = _fast_basis(m32, r, mode)
+    triplets = _rayleigh_ritz(weight, cov, basis, side)
+    total = values.double().square().sum()
+    carried = triplets.S.double().square().sum()
+    claim = values[_select(values.shape[0], r, mode)].double().square().sum()
+    if mode == "kpm":
+        noise = values.shape[0] * torch.finfo(torch.float32).eps ** 2 * total
         ok = carried <= (1 + AUTO_SLACK) ** 2 * claim + noise
     else:
         ok = carried >= (1 - AUTO_SLACK) ** 2 * claim
     if not bool(ok):
         return None
-    triplets.singular_values, triplets.path = s32.to(triplets.S.dtype), "float32+rr"
+    triplets.singular_values, triplets.path = values.to(triplets.S.dtype), "fast+rr"
     return triplets
 
 
@@ -213,8 +222,8 @@ def co_svd(
     """SVD of ``W C'``; keep the r smallest (``mode='kpm'``) or largest (``'ipm'``) triplets.
 
     ``svd``: 'full' (LAPACK SVD in the covariance's dtype), 'lowrank' (randomised, IPM only) or
-    'auto' (a float32 candidate checked in float64, see :func:`_float32_candidate`; the full
-    SVD where the check fails).
+    'auto' (a Gram-eigendecomposition candidate checked in float64, see :func:`_fast_candidate`;
+    the full SVD where the check fails).
     """
     d_out, d_in = weight.shape
     if d_in != cov.dim:
@@ -224,7 +233,7 @@ def co_svd(
     if svd == "lowrank" and mode != "ipm":
         raise DecompositionError("svd='lowrank' returns the largest components; KPM needs svd='full'.")
     if svd == "auto":
-        candidate = _float32_candidate(weight, cov, r, mode)
+        candidate = _fast_candidate(weight, cov, r, mode)
         if candidate is not None:
             return candidate
     product = weight.to(cov.matrix.dtype) @ cov.matrix
@@ -292,6 +301,8 @@ class Components:
 
 
 def components(triplets: CoSVD, cov: DampedCovariance) -> Components:
+    if triplets.VhCinv is not None:
+        return Components(triplets.U, triplets.S, triplets.VhCinv)
     return Components(triplets.U, triplets.S, cov.solve(triplets.Vh.T).T)  # V^T C'^{-1}, C' symmetric
 
 
@@ -323,8 +334,9 @@ def split_factors(triplets: CoSVD, cov: DampedCovariance, scaling: float) -> tup
 
 
 def residual_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``W - s B A`` computed in float64 from the factors *as they will be used*, cast to W's dtype last."""
-    return (weight.double() - scaling * (B.double() @ A.double())).to(weight.dtype)
+    """``W - s B A`` computed in float64 from the factors *as they will be used*, cast to W's dtype last
+    (W is promoted inside the subtraction: no float64 copy of it)."""
+    return torch.sub(weight, B.double() @ A.double(), alpha=scaling).to(weight.dtype)
 
 
 def corda_factors(

@@ -73,7 +73,12 @@ def test_without_normalisation_the_balance_follows_the_scale():
 
 def test_damping_takes_the_smallest_lambda_that_factorises():
     C = torch.diag(torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64))
-    assert damp_covariance(C, (0.0, 1e-3, 1e-1)).damping == 1e-3
+    damped = damp_covariance(C, (0.0, 1e-3, 1e-1))
+    assert damped.damping == 1e-3
+    assert damped.scale == pytest.approx(0.5 * (1 + 1e-3))  # mean(diag C'), C' = C + lam * mean(diag C) * I
+    expected = (C + 1e-3 * 0.5 * torch.eye(4, dtype=torch.float64)) / damped.scale
+    torch.testing.assert_close(damped.matrix, expected, rtol=1e-15, atol=0)
+    torch.testing.assert_close(damped.cholesky @ damped.cholesky.T, expected, rtol=1e-14, atol=1e-15)
     assert damp_covariance(torch.eye(4, dtype=torch.float64), (0.0, 1e-3)).damping == 0.0
 
 
@@ -97,12 +102,13 @@ def test_rank_must_be_below_min_dimension():
 
 
 @pytest.mark.parametrize("mode", ["kpm", "ipm"])
-def test_fast_paths_agree_with_the_full_svd(mode):
-    W, C = random_problem(40, 32, n=400)
+@pytest.mark.parametrize("shape", [(40, 32), (24, 40)])  # tall: right Gram basis; wide: left
+def test_fast_paths_agree_with_the_full_svd(mode, shape):
+    W, C = random_problem(*shape, n=400)
     cov = damp_covariance(C, DAMPING)
     full = co_svd(W, cov, 6, mode, svd="full")
     auto = co_svd(W, cov, 6, mode, svd="auto")
-    assert auto.path == "float32+rr" and full.path == "full"
+    assert auto.path == "fast+rr" and full.path == "full"
     others = [(auto, 1e-5, 1e-3)]  # float32 subspace, float64 Rayleigh-Ritz values
     if mode == "ipm":
         others.append((co_svd(W, cov, 6, mode, svd="lowrank", niter=8), 1e-4, 1e-4))
@@ -111,6 +117,21 @@ def test_fast_paths_agree_with_the_full_svd(mode):
         assert span_distance(other.Vh.T.numpy(), full.Vh.T.numpy()) < span_tol
         assert span_distance(other.U.numpy(), full.U.numpy()) < span_tol
     assert auto.context_share == pytest.approx(full.context_share, rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+@pytest.mark.parametrize("shape", [(40, 32), (24, 40)])
+def test_solve_free_factor_equals_the_cholesky_solve(mode, shape):
+    """Where the Rayleigh-Ritz basis is a left one, V^T C'^{-1} is taken as S^{-1} U^T W (no solve):
+    the same matrix as solving with C', to float64 rounding."""
+    W, C = random_problem(*shape, n=400)
+    cov = damp_covariance(C, DAMPING)
+    auto = co_svd(W, cov, 6, mode, svd="auto")
+    if mode == "ipm" or shape[0] < shape[1]:
+        assert auto.VhCinv is not None
+    if auto.VhCinv is not None:
+        solved = cov.solve(auto.Vh.T).T
+        torch.testing.assert_close(auto.VhCinv, solved, rtol=1e-9, atol=1e-12 * float(solved.abs().max()))
 
 
 def test_auto_below_float32_resolution_carries_negligible_context():
@@ -133,13 +154,13 @@ def test_auto_falls_back_when_float64_disagrees(monkeypatch):
 
     W, C = random_problem(40, 32, n=400)
     cov = damp_covariance(C, DAMPING)
-    original = decompose._float32_basis
+    original = decompose._fast_basis
 
     def wrong_subspace(m32, r, mode):
         basis, side, s32 = original(m32, r, mode)
         return torch.randn(basis.shape, generator=torch.Generator().manual_seed(0)), side, s32
 
-    monkeypatch.setattr(decompose, "_float32_basis", wrong_subspace)
+    monkeypatch.setattr(decompose, "_fast_basis", wrong_subspace)
     for mode in ("kpm", "ipm"):
         auto = co_svd(W, cov, 6, mode, svd="auto")
         full = co_svd(W, cov, 6, mode, svd="full")
@@ -181,5 +202,5 @@ def test_auto_ipm_adapter_is_not_inflated_by_weak_directions():
     cov = damp_covariance(C, (0.0,))
     A_auto, _, auto = corda_factors(W, cov, 8, "ipm", 1.0, svd="auto")
     A_full, _, _ = corda_factors(W, cov, 8, "ipm", 1.0, svd="full")
-    assert auto.path == "float32+rr"
+    assert auto.path == "fast+rr"
     assert float(A_auto.norm() / A_full.norm()) == pytest.approx(1.0, abs=1e-3)
