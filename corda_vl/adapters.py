@@ -24,7 +24,7 @@ from .allocation import allocate_layers, analyse_layers
 from .config import DECOMPOSING, CordaConfig
 from .covariance import CovarianceStore
 from .decompose import (balance_factors, context_share, corda_factors, damp_covariance, factors_from,
-                        identity_covariance, residual_weight)
+                        identity_covariance, subtract_adapter_)
 from .distributed import broadcast_parameters, is_distributed, run_owned, share_results
 from .errors import CordaError, DecompositionError, TargetError
 from .families import detect_family
@@ -150,7 +150,8 @@ def _decompose_input(key: str, members: list[Target], store: CovarianceStore | N
         r, s = info[t.name]["rank"], config.scaling_for(t.name, t.group)
         mode = config.mode_for(t.group) if config.method == "corda" else "kpm"
         try:
-            A, B, triplets = corda_factors(t.module.weight.detach(), cov, r, mode, s, config.svd, config.lowrank_niter)
+            A, B, triplets = corda_factors(t.module.weight.detach(), cov, r, mode, s, config.svd, config.lowrank_niter,
+                                           spectrum=False)  # only the context share is recorded
         except (DecompositionError, torch.linalg.LinAlgError) as exc:
             raise DecompositionError(f"module {t.name!r}: {exc}") from exc
         A, B = balance_factors(A, B, config.factor_balance)
@@ -193,8 +194,7 @@ def _write_factors(peft_model: PeftModel, factors: dict[str, tuple[torch.Tensor,
         lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         lora_A.copy_(A.to(lora_A.device, lora_A.dtype))
         lora_B.copy_(B.to(lora_B.device, lora_B.dtype))
-        weight = layer.get_base_layer().weight
-        weight.copy_(residual_weight(weight, lora_A, lora_B, layer.scaling[adapter]).to(weight.device))
+        subtract_adapter_(layer.get_base_layer().weight, lora_A, lora_B, layer.scaling[adapter])
 
 
 def build_corda(

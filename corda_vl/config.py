@@ -134,14 +134,19 @@ class CordaConfig:
         default="float64",
     )
     svd: str = _help(
-        "'auto': a float32 decomposition (SVD for KPM, Gram eigendecomposition for IPM) refined "
-        "by a float64 Rayleigh-Ritz step and kept only if float64 confirms what it claims (KPM: "
+        "'auto': M = W C' in float32, a basis from the eigendecomposition of its smaller Gram "
+        "matrix (float64 for KPM, float32 for IPM; corda IPM: a randomised float32 range finder), "
+        "refined by a float64 Rayleigh-Ritz step and kept only if float64 confirms what it claims (KPM: "
         "the tail carries at most 1.01x its claimed context, or less than ~3e-6 of it; IPM: the "
         "head at least 0.99x); otherwise the exact SVD. 'full': always LAPACK's SVD in "
         "decompose_dtype. 'lowrank': randomised top-r SVD (IPM only).",
         default="auto",
     )
-    lowrank_niter: int = _help("Power iterations of the randomised SVD (svd='lowrank').", default=4)
+    lowrank_niter: int = _help(
+        "Power iterations of the randomised SVD: svd='lowrank', and the float32 basis that "
+        "svd='auto' uses for method='corda', mode='ipm'.",
+        default=4,
+    )
     pissa_niter: int | None = _help(
         "method='pissa': None = PEFT's exact SVD; an int = PEFT's fast 'pissa_niter_N' init.",
         default=None,

@@ -204,3 +204,47 @@ def test_auto_ipm_adapter_is_not_inflated_by_weak_directions():
     A_full, _, _ = corda_factors(W, cov, 8, "ipm", 1.0, svd="full")
     assert auto.path == "fast+rr"
     assert float(A_auto.norm() / A_full.norm()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_ipm_without_spectrum_finds_the_head_by_a_randomised_basis():
+    """corda IPM records only the context share, so its auto path may skip the eigendecomposition:
+    with a gap after the head it finds the same triplets as the float64 SVD, and without one it
+    still captures all but a sliver of what the exact head carries."""
+    _, C = random_problem(48, 40, n=800)
+    cov = damp_covariance(C, DAMPING)
+    g = torch.Generator().manual_seed(7)
+    U, _ = torch.linalg.qr(torch.randn(48, 40, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    S = torch.cat([torch.linspace(10, 5, 6), torch.logspace(-0.5, -3, 34)]).double()
+    W = (U * S) @ cov.solve(V).T  # W C' = U S V^T
+    full = co_svd(W, cov, 6, "ipm", svd="full")
+    fast = co_svd(W, cov, 6, "ipm", svd="auto", spectrum=False)
+    assert fast.path == "fast+rr" and fast.singular_values.shape[0] < 40 and fast.total is not None
+    torch.testing.assert_close(fast.S, full.S, rtol=1e-7, atol=0)
+    assert span_distance(fast.U.numpy(), full.U.numpy()) < 1e-5
+    assert fast.context_share == pytest.approx(full.context_share, rel=1e-6)  # ||M||_F from float32 M
+    A, B, _ = corda_factors(W, cov, 6, "ipm", 1.0, spectrum=False)
+    A_full, B_full, _ = corda_factors(W, cov, 6, "ipm", 1.0, svd="full")
+    torch.testing.assert_close(B @ A, B_full @ A_full, rtol=0, atol=1e-5 * float((B_full @ A_full).abs().max()))
+    # no gap: a flat random spectrum is the hard case for a range finder
+    W, C = random_problem(40, 32, n=400)
+    cov = damp_covariance(C, DAMPING)
+    fast, full = co_svd(W, cov, 6, "ipm", spectrum=False), co_svd(W, cov, 6, "ipm", svd="full")
+    assert full.context_share * (1 - 1e-4) <= fast.context_share <= full.context_share * (1 + 1e-6)
+
+
+def test_lowrank_context_share_counts_the_whole_spectrum():
+    W, C = random_problem(40, 32, n=400)
+    cov = damp_covariance(C, DAMPING)
+    low, full = co_svd(W, cov, 6, "ipm", svd="lowrank", niter=8), co_svd(W, cov, 6, "ipm", svd="full")
+    assert low.context_share == pytest.approx(full.context_share, rel=1e-6)
+
+
+def test_ipm_randomised_basis_that_has_not_converged_gives_way_to_the_eigendecomposition():
+    """A Gaussian W has a flat spectrum: four power iterations leave Ritz residuals ~0.1 s_i, so the
+    head comes from the Gram eigendecomposition and equals the exact one."""
+    W = torch.randn(300, 200, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    cov = damp_covariance(torch.eye(200, dtype=torch.float64), (0.0,))
+    fast, full = co_svd(W, cov, 32, "ipm", spectrum=False), co_svd(W, cov, 32, "ipm", svd="full")
+    assert fast.total is None and fast.singular_values.shape[0] == 200  # the whole spectrum: eigh
+    assert fast.context_share == pytest.approx(full.context_share, rel=1e-6)
