@@ -7,11 +7,13 @@ For every module, with M = W C' (damped, normalised covariance from country-fact
 
 * the exact tail: the r smallest right singular vectors of M from a float64 SVD;
 * the float32 tail: the same from a float32 SVD of M (what PEFT computes);
-* the auto tail: ``co_svd(..., svd="auto")`` (float64 Gram of the float32 M, eigendecomposed,
-  then a float64 Rayleigh-Ritz step and check);
+* the auto adapter: ``corda_factors(..., svd="auto")`` (float64 Gram of the float32 M,
+  eigendecomposed, then a float64 Rayleigh-Ritz step and check);
 * ``context ratio`` = ||M V32||_F / ||M V64||_F, evaluated in float64: how much more of the
   calibration context the float32-chosen adapter directions carry than the exact ones (1 = same);
-  ``auto ratio`` the same for the auto tail;
+  ``auto ratio`` = ||B A C'||_F / ||M V64||_F for the auto factors: the part of M the adapter
+  really holds (B A C' = M V V^T for a right basis, U U^T M for a left one; measuring the left
+  basis by ||M V|| instead would amplify its rounding by s_max / s_min);
 * the largest principal angle (sine) between the two r-dimensional subspaces.
 """
 
@@ -27,7 +29,7 @@ import torch
 from corda_vl import collect_covariances
 from corda_vl.config import DEFAULT_DAMPING
 from corda_vl.data import country_fact_texts, token_blocks
-from corda_vl.decompose import co_svd, damp_covariance
+from corda_vl.decompose import corda_factors, damp_covariance
 from corda_vl.models import load_llama
 
 
@@ -51,8 +53,8 @@ def main() -> None:
         v32, _ = torch.linalg.qr(v32)
         exact = (M @ v64).norm()
         ratio = float((M @ v32).norm() / exact)
-        auto = co_svd(weight, cov, args.rank, "kpm", svd="auto")
-        auto_ratio = float((M @ auto.Vh.T).norm() / exact)
+        A, B, auto = corda_factors(weight, cov, args.rank, "kpm", 1.0, svd="auto")
+        auto_ratio = float((B @ A @ cov.matrix).norm() / exact)
         sine = float(torch.linalg.matrix_norm(v32 - v64 @ (v64.T @ v32), ord=2))
         s = torch.linalg.svdvals(M)
         rows.append((name, ratio, auto_ratio, auto.path, sine, float(s[-1] / s[0]), float(exact / s.norm())))

@@ -235,7 +235,7 @@ def _randomized_top(product: torch.Tensor, r: int, niter: int, oversample: int =
         basis, _ = torch.linalg.qr(product.T @ basis)
         basis, _ = torch.linalg.qr(product @ basis)
     u, s, vh = torch.linalg.svd(basis.T @ product, full_matrices=False)
-    total = float(torch.linalg.vector_norm(product, dtype=torch.float64).square())
+    total = float(torch.linalg.vector_norm(product)) ** 2  # in the product's dtype: a share needs no more
     return CoSVD((basis @ u)[:, :r], s[:r], vh[:r], s, "lowrank", total=total)
 
 
