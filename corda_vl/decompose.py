@@ -101,7 +101,8 @@ class CoSVD:
     S: torch.Tensor
     Vh: torch.Tensor
     singular_values: torch.Tensor
-    """All singular values, descending (top ones only for svd='lowrank')."""
+    """All singular values, descending (top ones only where ``total`` is set: svd='lowrank', and
+    corda IPM's randomised auto path)."""
     path: str = "full"
     """How they were computed: 'fast+rr', 'full' or 'lowrank'."""
     VhCinv: torch.Tensor | None = None
@@ -370,10 +371,6 @@ def subtract_adapter_(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sc
     copy of W and no second pass to write it back)."""
     return weight.sub_((B.double() @ A.double()).to(weight.device), alpha=scaling)
 
-
-def residual_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``W - s B A`` as a new tensor (see :func:`subtract_adapter_`)."""
-    return subtract_adapter_(weight.clone(), A, B, scaling)
 
 
 def corda_factors(

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from corda_vl.decompose import co_svd, corda_factors, damp_covariance, identity_covariance, residual_weight
+from corda_vl.decompose import co_svd, corda_factors, damp_covariance, identity_covariance, subtract_adapter_
 from corda_vl.errors import DecompositionError
 
 DAMPING = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -48,7 +48,7 @@ def test_factors_span_the_selected_co_svd_directions(mode, shape):
 def test_residual_plus_adapter_is_the_weight(mode):
     W, C = random_problem()
     A, B, _ = corda_factors(W, damp_covariance(C, DAMPING), 5, mode, 0.5)
-    res = residual_weight(W, A, B, 0.5)
+    res = subtract_adapter_(W.clone(), A, B, 0.5)
     torch.testing.assert_close(res + 0.5 * B @ A, W, atol=1e-12, rtol=0)
 
 
@@ -146,7 +146,7 @@ def test_auto_below_float32_resolution_carries_negligible_context():
     assert full.context_share < 1e-9
     assert auto.context_share < 24 ** 0.5 * torch.finfo(torch.float32).eps
     A, B, _ = corda_factors(W, cov, 4, "kpm", 1.0)
-    torch.testing.assert_close(residual_weight(W, A, B, 1.0) + B @ A, W, atol=1e-14, rtol=0)
+    torch.testing.assert_close(subtract_adapter_(W.clone(), A, B, 1.0) + B @ A, W, atol=1e-14, rtol=0)
 
 
 def test_auto_falls_back_when_float64_disagrees(monkeypatch):
