@@ -93,9 +93,10 @@ def blocks_of(model: nn.Module, names: list[str]) -> dict[str, str]:
     return out
 
 
-def block_stack(model: nn.Module, targets: Sequence[Target]) -> tuple[str, nn.ModuleList]:
-    """(name, ModuleList) of the repeated blocks holding every target (see :func:`blocks_of`); an
-    error when the targets are spread over several stacks or lie outside them."""
+def block_stack(model: nn.Module, targets: Sequence[Target]) -> tuple[str, nn.ModuleList, list[list[Target]]]:
+    """(name, ModuleList, the targets of each block) of the repeated blocks holding every target
+    (see :func:`blocks_of`); an error when the targets are spread over several stacks or lie
+    outside them."""
     block_of = blocks_of(model, [t.name for t in targets])
     stacks = {block.rsplit(".", 1)[0] for block in block_of.values()}
     if any(block == name for name, block in block_of.items()) or len(stacks) != 1:
@@ -104,7 +105,12 @@ def block_stack(model: nn.Module, targets: Sequence[Target]) -> tuple[str, nn.Mo
                          f"the targets (groups {groups}) span several stacks or lie outside them. Adapt one stack at a "
                          f"time (e.g. groups=['language']) or use the all-at-once path (collect_covariances).")
     name = stacks.pop()
-    return name, model.get_submodule(name)
+    stack = model.get_submodule(name)
+    index = {f"{name}.{i}": i for i in range(len(stack))}
+    members: list[list[Target]] = [[] for _ in stack]
+    for t in targets:
+        members[index[block_of[t.name]]].append(t)
+    return name, stack, members
 
 
 @dataclass
@@ -259,15 +265,14 @@ def build_corda_sequential(
     targets = resolve_targets(model, family, config.groups, config.target_modules, config.exclude_modules)
     _check_ranks(targets, config)
     _check_untied(model, targets)
-    stack_name, stack = block_stack(model, targets)
+    _, stack, blocks = block_stack(model, targets)
     rank, size = world()
     show = progress and is_main_process()
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     record = BuildRecord(family.name, config.to_dict(), source)
     seen = CovarianceStore()
     peak = 0
-    blocks = {i: [t for t in targets if t.name.startswith(f"{stack_name}.{i}.")] for i in range(len(stack))}
-    last = max(i for i, inside in blocks.items() if inside)  # the blocks after it are not needed
+    last = max(i for i, inside in enumerate(blocks) if inside)  # the blocks after it are not needed
     was_training = model.training
     model.eval()
     try:

@@ -92,8 +92,10 @@ def test_targets_in_several_stacks_are_refused_before_any_work():
 def test_block_stack_finds_the_decoder_layers():
     model = tiny_llama()
     targets = resolve_targets(model, detect_family(model), None, None, None)
-    name, stack = block_stack(model, targets)
+    name, stack, members = block_stack(model, targets)
     assert name == "model.layers" and stack is model.model.layers
+    assert [[t.name for t in inside] for inside in members] == [
+        [t.name for t in targets if t.name.startswith(f"model.layers.{i}.")] for i in range(len(stack))]
 
 
 def test_corda_plus_plus_is_refused_and_baselines_pass_through():
