@@ -33,8 +33,10 @@ from corda_vl.decompose import corda_factors, damp_covariance
 from corda_vl.models import load_llama
 
 
-def tail(M: torch.Tensor, r: int) -> torch.Tensor:
-    return torch.linalg.svd(M, full_matrices=False)[2][-r:].T
+def tail(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(all singular values, the r smallest right singular vectors as columns)."""
+    _, s, vh = torch.linalg.svd(M, full_matrices=False)
+    return s, vh[-r:].T
 
 
 def main() -> None:
@@ -45,18 +47,21 @@ def main() -> None:
     model, tok = load_llama()
     store = collect_covariances(model, token_blocks(tok, country_fact_texts(), args.seqs, 256), progress=False)
     rows = []
+    damped = {}  # one damped covariance per input, shared by the modules that read it (q/k/v, gate/up)
     for name in store.modules:
-        cov = damp_covariance(store.covariance(name), DEFAULT_DAMPING)
+        key = store.input_key(name)
+        if key not in damped:
+            damped = {key: damp_covariance(store.covariance(name), DEFAULT_DAMPING)}
+        cov = damped[key]
         weight = model.get_submodule(name).weight.detach()
         M = weight.double() @ cov.matrix
-        v64, v32 = tail(M, args.rank), tail(M.float(), args.rank).double()
+        (s, v64), v32 = tail(M, args.rank), tail(M.float(), args.rank)[1].double()
         v32, _ = torch.linalg.qr(v32)
         exact = (M @ v64).norm()
         ratio = float((M @ v32).norm() / exact)
         A, B, auto = corda_factors(weight, cov, args.rank, "kpm", 1.0, svd="auto")
         auto_ratio = float((B @ A @ cov.matrix).norm() / exact)
         sine = float(torch.linalg.matrix_norm(v32 - v64 @ (v64.T @ v32), ord=2))
-        s = torch.linalg.svdvals(M)
         rows.append((name, ratio, auto_ratio, auto.path, sine, float(s[-1] / s[0]), float(exact / s.norm())))
     rows.sort(key=lambda row: row[1])
     for label, column in (("float32 SVD", 1), ("auto", 2)):
