@@ -143,7 +143,8 @@ def _decompose_input(key: str, members: list[Target], store: CovarianceStore | N
         cov, tokens = identity_covariance(members[0].d_in, dtype, device), 0
     else:
         cov = damp_covariance(store.covariance(key, source, dtype).to(device), config.damping,
-                              normalize=config.covariance_normalization == "mean_diag", dtype=dtype, name=key)
+                              normalize=config.covariance_normalization == "mean_diag", dtype=dtype, name=key,
+                              overwrite=True)  # a fresh copy: damped in place
         tokens = store.count(key, source)
     for t in members:
         info[t.name] = _module_info(t, config)

@@ -106,7 +106,7 @@ def _analyse_input(key: str, members: list[Target], store: CovarianceStore, conf
     for source in candidate_sources(store, key, base, config.candidates):
         cov = damp_covariance(store.covariance(key, source, dtype).to(device), config.damping,
                               normalize=config.covariance_normalization == "mean_diag", dtype=dtype,
-                              name=f"{key} [{source}]")
+                              name=f"{key} [{source}]", overwrite=True)  # a fresh copy: damped in place
         spectrum = eigen_range(cov)
         for t in members:
             choice = choices.get(t.name) or _new_choice(t, config, source)

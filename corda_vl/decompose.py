@@ -58,8 +58,15 @@ def damp_covariance(
     normalize: bool = True,
     dtype: torch.dtype = torch.float64,
     name: str = "module",
+    overwrite: bool = False,
 ) -> DampedCovariance:
-    """Damp ``cov`` with the first lam of ``damping`` that makes it Cholesky-factorisable."""
+    """Damp ``cov`` with the first lam of ``damping`` that makes it Cholesky-factorisable.
+
+    ``overwrite=True``: ``cov`` is a scratch copy the caller gives away (``store.covariance``
+    returns a fresh one); it becomes the damped matrix, saving a d x d copy and a pass. A retry
+    at a larger lam then undoes the previous damping in place, equal to damping ``cov`` afresh up
+    to float64 rounding.
+    """
     c = cov.to(dtype)
     if not torch.equal(c, c.T):
         c = (c + c.T) / 2
@@ -70,11 +77,18 @@ def damp_covariance(
     if mean_diag <= 0:
         raise DecompositionError(f"{name}: the covariance is zero (the module only saw zero inputs); "
                                  f"calibrate with data that reaches it or exclude it.")
+    in_place = overwrite or c is not cov
+    held_scale, held_shift = 1.0, 0.0  # c holds C / held_scale + held_shift * I
     for lam in damping:
         # C' / mean(diag C') written in one pass: mean(diag C') = mean(diag C) * (1 + lam)
         scale = mean_diag * (1 + lam) if normalize else 1.0
-        damped = c / scale
-        damped.diagonal().add_(lam * mean_diag / scale)
+        if in_place:
+            c.diagonal().sub_(held_shift)
+            damped = c.div_(scale / held_scale)
+        else:
+            damped = c / scale
+        held_scale, held_shift = scale, lam * mean_diag / scale
+        damped.diagonal().add_(held_shift)
         factor, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             break

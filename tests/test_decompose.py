@@ -92,6 +92,24 @@ def test_damping_takes_the_smallest_lambda_that_factorises():
     assert damp_covariance(torch.eye(4, dtype=torch.float64), (0.0, 1e-3)).damping == 0.0
 
 
+def test_damping_in_place_equals_damping_a_copy():
+    """overwrite=True reuses the caller's scratch tensor: the same C' (bit for bit when the first
+    lam factorises, to float64 rounding after retries) and the same lam."""
+    _, C = random_problem()
+    C = (C + C.T) / 2  # exactly symmetric, else damping symmetrises into a new tensor anyway
+    scratch = C.clone()
+    copy, in_place = damp_covariance(C, DAMPING), damp_covariance(scratch, DAMPING, overwrite=True)
+    assert in_place.matrix.data_ptr() == scratch.data_ptr() and copy.matrix.data_ptr() != C.data_ptr()
+    assert torch.equal(in_place.matrix, copy.matrix) and in_place.damping == copy.damping == DAMPING[0]
+    indefinite = torch.diag(torch.tensor([1.0, 1.0, 0.0, -0.01], dtype=torch.float64))  # lam 0 and 1e-3 fail
+    schedule = (0.0, 1e-3, 1e-1, 1.0)
+    copy = damp_covariance(indefinite, schedule)
+    in_place = damp_covariance(indefinite.clone(), schedule, overwrite=True)
+    assert in_place.damping == copy.damping == 1e-1 and in_place.scale == copy.scale
+    torch.testing.assert_close(in_place.matrix, copy.matrix, rtol=1e-15, atol=1e-16)
+    assert torch.equal(indefinite, torch.diag(torch.tensor([1.0, 1.0, 0.0, -0.01], dtype=torch.float64)))
+
+
 def test_singular_at_the_largest_damping_is_a_clear_error():
     C = torch.diag(torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64))
     with pytest.raises(DecompositionError, match="layer.q.*not positive definite.*damping"):
