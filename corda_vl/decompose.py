@@ -162,10 +162,13 @@ def _rayleigh_ritz(weight: torch.Tensor, cov: DampedCovariance, basis: torch.Ten
         return CoSVD(u, s, (q @ wh.T).T, s)
     wtq = w.T @ q
     v, s, wh = torch.linalg.svd(c @ wtq, full_matrices=False)
-    utw = (wtq @ wh.T).T  # U^T W
+    return CoSVD(q @ wh.T, s, v.T, s, VhCinv=_vh_cinv((wtq @ wh.T).T, s))
+
+
+def _vh_cinv(utw: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """V^T C'^{-1} = S^{-1} U^T W for a left basis (U^T W C' = S V^T)."""
     positive = s > 0  # a zero singular value has U^T W = 0: its row of A is zero either way
-    vh_cinv = torch.where(positive[:, None], utw / torch.where(positive, s, 1)[:, None], 0)
-    return CoSVD(q @ wh.T, s, v.T, s, VhCinv=vh_cinv)
+    return torch.where(positive[:, None], utw / torch.where(positive, s, 1)[:, None], 0)
 
 
 def _fast_basis(m32: torch.Tensor, r: int, mode: str) -> tuple[torch.Tensor, str, torch.Tensor]:
@@ -247,9 +250,7 @@ def _left_head(weight: torch.Tensor, top: CoSVD, dtype: torch.dtype) -> CoSVD:
     sixth of corda IPM's build on SmolLM2). The residual stays exact: it is taken from the
     factors as they are used (:func:`subtract_adapter_`).
     """
-    positive = top.S > 0  # a zero singular value has U^T W = 0: its row of A is zero either way
-    utw = top.U.T @ weight.to(top.U.dtype)
-    vh_cinv = torch.where(positive[:, None], utw / torch.where(positive, top.S, 1)[:, None], 0)
+    vh_cinv = _vh_cinv(top.U.T @ weight.to(top.U.dtype), top.S)
     return CoSVD(top.U.to(dtype), top.S.to(dtype), top.Vh.to(dtype), top.singular_values.to(dtype),
                  "randomised", VhCinv=vh_cinv.to(dtype), total=top.total)
 
