@@ -219,11 +219,12 @@ def _fast_candidate(weight: torch.Tensor, cov: DampedCovariance, r: int, mode: s
       IPM: carried >= (1 - slack)^2 * claim (the head captures what the basis said it would).
     Otherwise None: the caller computes the exact float64 SVD.
     """
-    m32 = weight.float() @ cov.float32()
+    w32 = weight.float()
+    m32 = w32 @ cov.float32()
     if mode == "ipm" and not spectrum:
         top = _randomized_top(m32, r, niter)
         if _converged(m32, top):
-            return _left_head(weight, top, cov.matrix.dtype)
+            return _left_head(w32, top, cov.matrix.dtype)
     basis, side, values = _fast_basis(m32, r, mode)
     total = float(values.double().square().sum())
     triplets = _rayleigh_ritz(weight, cov, basis, side)
@@ -240,7 +241,7 @@ def _fast_candidate(weight: torch.Tensor, cov: DampedCovariance, r: int, mode: s
     return triplets
 
 
-def _left_head(weight: torch.Tensor, top: CoSVD, dtype: torch.dtype) -> CoSVD:
+def _left_head(w32: torch.Tensor, top: CoSVD, dtype: torch.dtype) -> CoSVD:
     """A converged randomised head as it is: its U is already a left Rayleigh-Ritz basis of M
     (the SVD of Q^T M), so V^T C'^{-1} = S^{-1} U^T W needs no solve and s B A = U U^T W.
 
@@ -250,7 +251,7 @@ def _left_head(weight: torch.Tensor, top: CoSVD, dtype: torch.dtype) -> CoSVD:
     sixth of corda IPM's build on SmolLM2). The residual stays exact: it is taken from the
     factors as they are used (:func:`subtract_adapter_`).
     """
-    vh_cinv = _vh_cinv(top.U.T @ weight.to(top.U.dtype), top.S)
+    vh_cinv = _vh_cinv(top.U.T @ w32, top.S)  # W in float32, as cast once for M
     return CoSVD(top.U.to(dtype), top.S.to(dtype), top.Vh.to(dtype), top.singular_values.to(dtype),
                  "randomised", VhCinv=vh_cinv.to(dtype), total=top.total)
 
