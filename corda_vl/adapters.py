@@ -23,7 +23,7 @@ from torch import nn
 from .allocation import allocate_layers, analyse_layers
 from .config import DECOMPOSING, CordaConfig
 from .covariance import CovarianceStore
-from .decompose import (balance_factors, context_share, corda_factors, damp_covariance, factors_from,
+from .decompose import (balance_factors, context_share, corda_factors, factors_from,
                         identity_covariance, subtract_adapter_)
 from .distributed import broadcast_parameters, is_distributed, run_owned, share_results
 from .errors import CordaError, DecompositionError, TargetError
@@ -142,9 +142,7 @@ def _decompose_input(key: str, members: list[Target], store: CovarianceStore | N
     if store is None:  # milora: plain SVD of W
         cov, tokens = identity_covariance(members[0].d_in, dtype, device), 0
     else:
-        cov = damp_covariance(store.covariance(key, source, dtype).to(device), config.damping,
-                              normalize=config.covariance_normalization == "mean_diag", dtype=dtype, name=key,
-                              overwrite=True)  # a fresh copy: damped in place
+        cov = store.damped(key, source, config.damping, config.covariance_normalization == "mean_diag", dtype, device)
         tokens = store.count(key, source)
     for t in members:
         info[t.name] = _module_info(t, config)

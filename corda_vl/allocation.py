@@ -20,7 +20,7 @@ import torch
 from .config import CordaConfig
 from .cordapp import RankRequest, allocate, rank_scores, select_best
 from .covariance import CovarianceStore
-from .decompose import Components, co_svd, components, damp_covariance, eigen_range
+from .decompose import Components, co_svd, components, eigen_range
 from .distributed import gather_objects, is_distributed, run_owned
 from .errors import CordaError, DecompositionError
 from .targets import Target
@@ -104,9 +104,8 @@ def _analyse_input(key: str, members: list[Target], store: CovarianceStore, conf
     dtype = getattr(torch, config.decompose_dtype)
     device = members[0].module.weight.device
     for source in candidate_sources(store, key, base, config.candidates):
-        cov = damp_covariance(store.covariance(key, source, dtype).to(device), config.damping,
-                              normalize=config.covariance_normalization == "mean_diag", dtype=dtype,
-                              name=f"{key} [{source}]", overwrite=True)  # a fresh copy: damped in place
+        cov = store.damped(key, source, config.damping, config.covariance_normalization == "mean_diag", dtype, device,
+                           name=f"{key} [{source}]")
         spectrum = eigen_range(cov)
         for t in members:
             choice = choices.get(t.name) or _new_choice(t, config, source)

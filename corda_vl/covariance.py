@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_file
+from .decompose import DampedCovariance, damp_covariance
 from .errors import CacheError, CordaError
 
 FORMAT_VERSION = 1
@@ -140,6 +141,13 @@ class CovarianceStore:
             raise CordaError(f"module {module!r} saw no tokens for source {source!r}; calibrate on data that reaches it.")
         total = self._sum_of(parts)
         return total.to(dtype).div_(n) if total.dtype != dtype else total / n
+
+    def damped(self, module: str, source: str | None, damping: tuple[float, ...], normalize: bool = True,
+               dtype=torch.float64, device=None, name: str | None = None) -> DampedCovariance:
+        """:func:`damp_covariance` of :meth:`covariance`, on ``device``. The copy made here is
+        handed over and damped in place (no second d x d matrix)."""
+        cov = self.covariance(module, source, dtype).to(device)
+        return damp_covariance(cov, damping, normalize=normalize, dtype=dtype, name=name or module, overwrite=True)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.sums.values())

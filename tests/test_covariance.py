@@ -89,3 +89,15 @@ def test_not_a_store_file(tmp_path):
         CovarianceStore.load(path)
     with pytest.raises(CacheError, match="does not exist"):
         CovarianceStore.load(tmp_path / "missing.safetensors")
+
+
+def test_damped_covariance_equals_damping_a_copy_and_leaves_the_sums_alone(store):
+    from corda_vl.decompose import damp_covariance
+
+    s = store
+    key = next(iter(s.inputs.values()))
+    sums = {k: v.clone() for k, v in s.sums.items()}
+    damped = s.damped(key, None, (1e-4, 1e-2))
+    expected = damp_covariance(s.covariance(key), (1e-4, 1e-2))
+    assert torch.equal(damped.matrix, expected.matrix) and damped.damping == expected.damping
+    assert all(torch.equal(sums[k], v) for k, v in s.sums.items())
