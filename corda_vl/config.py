@@ -135,11 +135,12 @@ class CordaConfig:
     )
     svd: str = _help(
         "'auto': M = W C' in float32, a basis from the eigendecomposition of its smaller Gram "
-        "matrix (float64 for KPM, float32 for IPM; corda IPM: a randomised float32 range finder), "
-        "refined by a float64 Rayleigh-Ritz step and kept only if float64 confirms what it claims (KPM: "
-        "the tail carries at most 1.01x its claimed context, or less than ~3e-6 of it; IPM: the "
-        "head at least 0.99x); otherwise the exact SVD. 'full': always LAPACK's SVD in "
-        "decompose_dtype. 'lowrank': randomised top-r SVD (IPM only).",
+        "matrix (float64 for KPM, float32 for IPM), refined by a float64 Rayleigh-Ritz step and kept "
+        "only if float64 confirms what it claims (KPM: the tail carries at most 1.01x its claimed "
+        "context, or less than ~3e-6 of it; IPM: the head at least 0.99x); otherwise the exact SVD. "
+        "method='corda', mode='ipm' first tries a randomised float32 head, used as it is where its "
+        "Ritz pairs have converged. 'full': always LAPACK's SVD in decompose_dtype. 'lowrank': "
+        "randomised top-r SVD (IPM only).",
         default="auto",
     )
     lowrank_niter: int = _help(
