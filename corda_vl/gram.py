@@ -11,6 +11,8 @@ slowed the model's own matmuls by half.
 
 from __future__ import annotations
 
+import mmap
+
 import torch
 
 BLOCK = 256
@@ -22,7 +24,7 @@ class GramSum:
 
     def __init__(self, dim: int, dtype: torch.dtype, device: torch.device | str):
         self.dim, self.dtype, self.device = dim, dtype, torch.device(device)
-        self._upper = torch.zeros(dim, dim, dtype=dtype, device=self.device)
+        self._upper = _long_lived_zeros(dim, dtype, self.device)
         blocks = max(MIN_BLOCKS, -(-dim // BLOCK))
         self._block = -(-dim // blocks)
 
@@ -54,3 +56,18 @@ class GramSum:
             diag.copy_(torch.triu(diag) + torch.triu(diag, diagonal=1).T)
             gram[i + b:, i:i + b].copy_(gram[i:i + b, i + b:].T)
         return gram
+
+
+def _long_lived_zeros(dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A d x d zero matrix; on CPU in its own private anonymous mmap, outside the malloc heap.
+
+    The kernel hands such pages out zeroed on first touch, so a sum reserved for a module that
+    turns out to read a shared input costs no resident memory (see calibration's reservations),
+    and the mapping goes back to the OS when the tensor dies, wherever it sat. It is its own
+    storage: the store saves and moves it like any tensor.
+    """
+    if device.type != "cpu":
+        return torch.zeros(dim, dim, dtype=dtype, device=device)
+    nbytes = dim * dim * torch.empty((), dtype=dtype).element_size()
+    private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}  # no MAP_PRIVATE on Windows
+    return torch.frombuffer(mmap.mmap(-1, nbytes, **private), dtype=dtype).view(dim, dim)

@@ -219,8 +219,7 @@ def _calibrate_block(i: int, block: nn.Module, targets: list[Target], records: l
     finally:
         for handle in handles:
             handle.remove()
-    sums = {key: collector.sums.pop(key).result() for key in list(collector.sums)}
-    return CovarianceStore(collector.inputs, sums, collector.counts, fingerprint)
+    return CovarianceStore(collector.inputs, *collector.finish(), fingerprint)
 
 
 def build_corda_sequential(

@@ -4,9 +4,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import module_inputs, text_batches, tiny_llama
+from conftest import llava_batches, module_inputs, text_batches, tiny_llama, tiny_llava
 
-from corda_vl import CalibrationError, collect_covariances
+from corda_vl import CalibrationError, calibration, collect_covariances
+from corda_vl.gram import GramSum
 
 
 def direct_inputs(model, batch, module_name):
@@ -65,6 +66,34 @@ def test_shared_inputs_are_stored_once(llama, batches):
     assert store.inputs["model.layers.0.self_attn.v_proj"] == "model.layers.0.self_attn.q_proj"
     assert store.inputs["model.layers.1.mlp.up_proj"] == "model.layers.1.mlp.gate_proj"
     assert store.inputs["model.layers.1.mlp.down_proj"] == "model.layers.1.mlp.down_proj"
+
+
+def test_cpu_sums_are_allocated_before_each_forward_never_inside_it(llama, batches, monkeypatch):
+    """Sums opened inside the forward pin the heap holes of freed activations (calibration.py);
+    on CPU every sum is reserved in ``start_batch``, and the unused reservations are dropped."""
+    in_forward, opened = [], []
+
+    class Spy(GramSum):
+        def __init__(self, *args, **kwargs):
+            opened.append(bool(in_forward))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "GramSum", Spy)
+    llama.register_forward_pre_hook(lambda module, args: in_forward.append(True))
+    llama.register_forward_hook(lambda module, args, out: in_forward.clear(), always_call=True)
+    store = collect_covariances(llama, batches, progress=False)
+    assert len(opened) == 14  # the first batch reserves one per module, before the sharing is known
+    assert not any(opened)
+    assert len(store.sums) == 8 and all(store.counts.values())  # shared readers' reservations dropped
+
+
+def test_a_modality_no_token_reached_leaves_no_covariance():
+    text_only = llava_batches()[-1]
+    assert "pixel_values" not in text_only
+    with pytest.warns(UserWarning, match="fewer tokens"):  # 20 text tokens for d_in=48
+        store = collect_covariances(tiny_llava(), [text_only], groups=["language"], progress=False)
+    assert "calib/text" in store.sources and "calib/image" not in store.sources
+    assert all(source == "calib/text" for _, source in store.sums)
 
 
 def test_targets_and_early_stop(llama, batches):
