@@ -85,13 +85,9 @@ class _Collector:
 
     def finish(self) -> tuple[dict[tuple[str, str], torch.Tensor], dict[tuple[str, str], int]]:
         """The completed sums and their token counts, without reservations no token reached."""
-        keys = [key for key in self.sums if self.counts[key]]
-        counts = {key: self.counts[key] for key in keys}
-        sums = {}
-        for key in list(self.sums):  # one at a time: low peak
-            gram = self.sums.pop(key)
-            if key in counts:
-                sums[key] = gram.result()
+        counts = {key: n for key, n in self.counts.items() if n}
+        sums = {key: gram.result() for key, gram in self.sums.items() if key in counts}
+        self.sums.clear()  # the unused reservations' mappings go back to the OS here
         return sums, counts
 
     def hook(self, name: str):
