@@ -25,7 +25,7 @@ class GramSum:
     def __init__(self, dim: int, dtype: torch.dtype, device: torch.device | str):
         self.dim, self.dtype, self.device = dim, dtype, torch.device(device)
         self._upper = _long_lived_zeros(dim, dtype, self.device)
-        self._touched = False
+        self._touched = self.device.type != "cpu"  # torch.zeros wrote a GPU sum; a CPU mapping is untouched
         blocks = max(MIN_BLOCKS, -(-dim // BLOCK))
         self._block = -(-dim // blocks)
 
