@@ -74,6 +74,6 @@ def _long_lived_zeros(dim: int, dtype: torch.dtype, device: torch.device) -> tor
     """
     if device.type != "cpu":
         return torch.zeros(dim, dim, dtype=dtype, device=device)
-    nbytes = dim * dim * torch.empty((), dtype=dtype).element_size()
+    nbytes = dim * dim * dtype.itemsize
     private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}  # no MAP_PRIVATE on Windows
     return torch.frombuffer(mmap.mmap(-1, nbytes, **private), dtype=dtype).view(dim, dim)
