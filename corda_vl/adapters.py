@@ -29,6 +29,7 @@ from .distributed import broadcast_parameters, is_distributed, run_owned, share_
 from .errors import CordaError, DecompositionError, TargetError
 from .families import detect_family
 from .families.base import Family
+from .pages import prefault_for_writing
 from .targets import Target, resolve_targets
 
 _RECORDS: "weakref.WeakKeyDictionary[nn.Module, BuildRecord]" = weakref.WeakKeyDictionary()
@@ -188,8 +189,10 @@ def _decompose_allocated(
 def _write_factors(peft_model: PeftModel, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], adapter: str) -> None:
     """Phase 2: lora_A/lora_B <- factors, base weight <- W - s B A (computed from the cast factors)."""
     base = peft_model.get_base_model()
+    layers = {name: base.get_submodule(name) for name in factors}
+    prefault_for_writing(layer.get_base_layer().weight for layer in layers.values())  # see pages.py
     for name, (A, B) in factors.items():
-        layer = base.get_submodule(name)
+        layer = layers[name]
         lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         lora_A.copy_(A.to(lora_A.device, lora_A.dtype))
         lora_B.copy_(B.to(lora_B.device, lora_B.dtype))
