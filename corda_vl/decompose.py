@@ -265,9 +265,22 @@ def _randomized_top(product: torch.Tensor, r: int, niter: int, oversample: int =
     basis, _ = torch.linalg.qr(product @ omega)
     for _ in range(niter):  # one QR per M M^T step: on SmolLM2 as accurate as two, at half the QRs
         basis, _ = torch.linalg.qr(product @ (product.T @ basis))
-    u, s, vh = torch.linalg.svd(basis.T @ product, full_matrices=False)
+    u, s, vh = _short_wide_svd(basis.T @ product, r)
     total = float(torch.linalg.vector_norm(product)) ** 2  # in the product's dtype: a share needs no more
-    return CoSVD((basis @ u)[:, :r], s[:r], vh[:r], s, "lowrank", total=total)
+    return CoSVD(basis @ u[:, :r], s[:r], vh, s, "lowrank", total=total)
+
+
+def _short_wide_svd(small: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, all S, top-r Vh) of a q x n matrix with q << n, from the eigendecomposition of its
+    q x q Gram matrix in float64: V_r^T = U_r^T small / S_r. A quarter to a third of the time of
+    LAPACK's SVD of ``small`` for SmolLM2's 48 x 576 and 48 x 1536 (0.3 against 1.0-3.0 ms), and
+    float64 squares keep the head's singular values at float32's own accuracy."""
+    wide = small.double()
+    evals, evecs = torch.linalg.eigh(wide @ wide.T)  # ascending
+    s, u = evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1)
+    head = s[:r]
+    vh = torch.where(head[:, None] > 0, (u[:, :r].T @ wide) / torch.where(head > 0, head, 1)[:, None], 0)
+    return u.to(small.dtype), s.to(small.dtype), vh.to(small.dtype)
 
 
 def co_svd(
