@@ -272,14 +272,15 @@ def _randomized_top(product: torch.Tensor, r: int, niter: int, oversample: int =
 
 def _short_wide_svd(small: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U, all S, top-r Vh) of a q x n matrix with q << n, from the eigendecomposition of its
-    q x q Gram matrix in float64: V_r^T = U_r^T small / S_r. A quarter to a third of the time of
-    LAPACK's SVD of ``small`` for SmolLM2's 48 x 576 and 48 x 1536 (0.3 against 1.0-3.0 ms), and
-    float64 squares keep the head's singular values at float32's own accuracy."""
+    q x q Gram matrix in float64: V_r^T = U_r^T small / S_r. A third to a quarter of the time of
+    LAPACK's SVD of ``small`` for SmolLM2's 48 x 576 and 48 x 1536 (0.6-0.8 against 1.7-3.1 ms on
+    2 cores), and float64 squares keep the head's singular values at float32's own accuracy. A
+    zero singular value gets a zero row of V^T (its U column times S is zero either way)."""
     wide = small.double()
     evals, evecs = torch.linalg.eigh(wide @ wide.T)  # ascending
     s, u = evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1)
     head = s[:r]
-    vh = torch.where(head[:, None] > 0, (u[:, :r].T @ wide) / torch.where(head > 0, head, 1)[:, None], 0)
+    vh = torch.where(head[:, None] > 0, (u[:, :r].T @ wide) / head[:, None], 0)
     return u.to(small.dtype), s.to(small.dtype), vh.to(small.dtype)
 
 

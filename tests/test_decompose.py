@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from corda_vl.decompose import co_svd, corda_factors, damp_covariance, identity_covariance, subtract_adapter_
+from corda_vl.decompose import (_short_wide_svd, co_svd, corda_factors, damp_covariance, identity_covariance,
+                               subtract_adapter_)
 from corda_vl.errors import DecompositionError
 
 DAMPING = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -194,6 +195,20 @@ def test_auto_falls_back_when_float64_disagrees(monkeypatch):
         full = co_svd(W, cov, 6, mode, svd="full")
         assert auto.path == "full"
         torch.testing.assert_close(auto.S, full.S)
+
+
+def test_short_wide_svd_equals_lapacks_including_a_zero_singular_value():
+    g = torch.Generator().manual_seed(5)
+    small = torch.randn(12, 300, generator=g, dtype=torch.float64)
+    small[-1] = 0  # rank 11
+    u, s, vh = _short_wide_svd(small, 12)
+    U, S, Vh = torch.linalg.svd(small, full_matrices=False)
+    torch.testing.assert_close(s, S, rtol=1e-12, atol=1e-12)
+    signs = torch.sign((vh[:11] * Vh[:11]).sum(1))
+    torch.testing.assert_close(vh[:11] * signs[:, None], Vh[:11], rtol=0, atol=1e-10)
+    torch.testing.assert_close(u[:, :11] * signs, U[:, :11], rtol=0, atol=1e-10)
+    assert torch.equal(vh[11], torch.zeros(300, dtype=torch.float64))
+    torch.testing.assert_close(u[:, :11] @ torch.diag(s[:11]) @ vh[:11], small, rtol=0, atol=1e-10)
 
 
 def test_lowrank_leaves_the_global_rng_alone():
