@@ -111,6 +111,22 @@ def test_damping_in_place_equals_damping_a_copy():
     assert torch.equal(indefinite, torch.diag(torch.tensor([1.0, 1.0, 0.0, -0.01], dtype=torch.float64)))
 
 
+@pytest.mark.parametrize("where", [(1, 0), (299, 5), (140, 139), (299, 298)])
+def test_an_asymmetric_covariance_is_damped_as_its_symmetric_part(where):
+    """Wherever the asymmetry sits (first or a later row panel of the symmetry check, next to
+    the diagonal or far from it), C' is built from (C + C^T) / 2 and the input is left alone."""
+    x = torch.randn(600, 300, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    symmetric = x.T @ x / 600
+    symmetric = (symmetric + symmetric.T) / 2
+    skewed = symmetric.clone()
+    skewed[where] += 0.5
+    damped = damp_covariance(skewed, DAMPING)
+    expected = damp_covariance((skewed + skewed.T) / 2, DAMPING)
+    assert torch.equal(damped.matrix, expected.matrix) and torch.equal(damped.matrix, damped.matrix.T)
+    assert not torch.equal(damped.matrix, damp_covariance(symmetric, DAMPING).matrix)
+    assert skewed[where] == symmetric[where] + 0.5
+
+
 def test_singular_at_the_largest_damping_is_a_clear_error():
     C = torch.diag(torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64))
     with pytest.raises(DecompositionError, match="layer.q.*not positive definite.*damping"):
