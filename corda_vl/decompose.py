@@ -168,13 +168,15 @@ def _rayleigh_ritz(weight: torch.Tensor, cov: DampedCovariance, basis: torch.Ten
         return CoSVD(u, s, (q @ wh.T).T, s)
     wtq = w.T @ q
     v, s, wh = torch.linalg.svd(c @ wtq, full_matrices=False)
-    return CoSVD(q @ wh.T, s, v.T, s, VhCinv=_vh_cinv((wtq @ wh.T).T, s))
+    return CoSVD(q @ wh.T, s, v.T, s, VhCinv=_over_singular_values((wtq @ wh.T).T, s))
 
 
-def _vh_cinv(utw: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """V^T C'^{-1} = S^{-1} U^T W for a left basis (U^T W C' = S V^T)."""
-    positive = s > 0  # a zero singular value has U^T W = 0: its row of A is zero either way
-    return torch.where(positive[:, None], utw / torch.where(positive, s, 1)[:, None], 0)
+def _over_singular_values(rows: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """S^{-1} rows, with a zero row where s is zero. For a left basis (U^T W C' = S V^T) it gives
+    V^T C'^{-1} from rows = U^T W; for a short wide matrix's SVD, V^T from rows = U^T X. A zero
+    singular value has a zero row either way (U^T W = 0 there), so A gets a zero row."""
+    positive = s > 0
+    return torch.where(positive[:, None], rows / torch.where(positive, s, 1)[:, None], 0)
 
 
 def _fast_basis(m32: torch.Tensor, r: int, mode: str) -> tuple[torch.Tensor, str, torch.Tensor]:
@@ -257,7 +259,7 @@ def _left_head(w32: torch.Tensor, top: CoSVD, dtype: torch.dtype) -> CoSVD:
     sixth of corda IPM's build on SmolLM2). The residual stays exact: it is taken from the
     factors as they are used (:func:`subtract_adapter_`).
     """
-    vh_cinv = _vh_cinv(top.U.T @ w32, top.S)  # W in float32, as cast once for M
+    vh_cinv = _over_singular_values(top.U.T @ w32, top.S)  # W in float32, as cast once for M
     return CoSVD(top.U.to(dtype), top.S.to(dtype), top.Vh.to(dtype), top.singular_values.to(dtype),
                  "randomised", VhCinv=vh_cinv.to(dtype), total=top.total)
 
@@ -285,8 +287,7 @@ def _short_wide_svd(small: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Te
     wide = small.double()
     evals, evecs = torch.linalg.eigh(wide @ wide.T)  # ascending
     s, u = evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1)
-    head = s[:r]
-    vh = torch.where(head[:, None] > 0, (u[:, :r].T @ wide) / head[:, None], 0)
+    vh = _over_singular_values(u[:, :r].T @ wide, s[:r])
     return u.to(small.dtype), s.to(small.dtype), vh.to(small.dtype)
 
 
