@@ -54,7 +54,7 @@ def prefault_for_writing(tensors: Iterable[torch.Tensor]) -> int:
         if tensor.device.type != "cpu" or tensor.numel() == 0 or not tensor.is_contiguous():
             continue
         start = tensor.data_ptr()
-        end = start + tensor.numel() * tensor.element_size()
+        end = start + tensor.nbytes
         first = start - start % page
         if madvise(first, end - first, MADV_POPULATE_WRITE) != 0:  # EINVAL before Linux 5.14
             return done
