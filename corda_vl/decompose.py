@@ -68,7 +68,7 @@ def damp_covariance(
     to float64 rounding.
     """
     c = cov.to(dtype)
-    if not _symmetric(cov):  # the input's own dtype: an exact upcast keeps (a)symmetry, in fewer bytes
+    if not _symmetric(cov):  # an exact upcast keeps (a)symmetry: check the input, fewer bytes when narrower
         c = (c + c.T) / 2
     diag = c.diagonal()
     if not torch.isfinite(diag).all():  # x_i NaN/Inf puts NaN/Inf on the diagonal (Cauchy-Schwarz)
