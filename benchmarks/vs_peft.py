@@ -4,7 +4,7 @@
     python benchmarks/vs_peft.py --modes kpm --seqs 8   # quicker look
     python benchmarks/vs_peft.py --repeat 3 # 3 interleaved rounds, fastest of each (~20 min)
 
-Setting (DESIGN.md §6): 32 sequences x 256 tokens of country-fact text, r = 32, all seven
+Setting: 32 sequences x 256 tokens of country-fact text, r = 32, all seven
 projections of every decoder layer. Each side runs in its own process (fresh peak RSS):
 
 * peft-MODE:  ``peft.tuners.lora.corda.preprocess_corda`` + ``get_peft_model`` (batch size 1:
@@ -58,8 +58,8 @@ def reset_peak_rss() -> None:
 def setup(args):
     import torch
 
-    from corda_vl.data import country_fact_texts, token_blocks
-    from corda_vl.models import load_llama
+    from corda_vl.lab.data import country_fact_texts, token_blocks
+    from corda_vl.lab.models import load_llama
 
     torch.manual_seed(0)
     model, tok = load_llama(dtype=torch.float32)
@@ -185,7 +185,7 @@ def summarise(rounds: list[dict]) -> dict:
 
 
 def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
-    """The benchmark setting (DESIGN.md §6) and the worker plumbing, shared by the SmolLM2 benchmarks."""
+    """The benchmark setting and the worker plumbing, shared by the SmolLM2 benchmarks."""
     parser.add_argument("--seqs", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--rank", type=int, default=32)
@@ -203,7 +203,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    from corda_vl.models import smollm2_dir
+    from corda_vl.lab.models import smollm2_dir
 
     smollm2_dir()  # convert the GGUF once, outside the timed workers
     print(f"SmolLM2-135M, {args.seqs} x {args.seq_len} tokens, r={args.rank}, 7 projections x 30 layers; "

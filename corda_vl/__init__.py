@@ -1,17 +1,22 @@
 """corda_vl: CorDA / CorDA++ covariance-oriented low-rank adapters for LLaMA-style and
 vision-language models.
 
-Data flows one way: batches -> collect_covariances -> CovarianceStore -> build_corda (pure
-decomposition + PEFT wiring) -> training -> save_corda / export_lora. For models whose
-covariances do not fit at once, build_corda_sequential does calibration and decomposition block
-by block. Under torchrun / accelerate launch both paths shard their work over the processes.
+Data flows one way:
+
+    batches -> calibration (hooks, sums, CovarianceStore) -> decomposition (pure maths)
+            -> methods (lora, pissa, milora, corda, corda++) -> adapters (PEFT wiring) -> saving
+
+with scale-out beside it (``scaleout``: several processes, one block at a time, memory
+planning). The retention lab that measures what an adapter keeps lives in ``corda_vl.lab``
+(``pip install corda_vl[lab]``); nothing here imports it.
 """
 
-from .adapters import BuildRecord, build_corda, build_record
-from .calibration import collect_covariances
-from .config import CordaConfig
-from .covariance import CovarianceStore
-from .errors import (
+from corda_vl import _compat
+from corda_vl.adapters import BuildRecord, build_corda, build_record
+from corda_vl.calibration import CovarianceStore, collect_covariances
+from corda_vl.config import CordaConfig
+from corda_vl.decomposition.compactness import compactness
+from corda_vl.errors import (
     CacheError,
     CalibrationError,
     CordaError,
@@ -19,14 +24,13 @@ from .errors import (
     TargetError,
     UnknownFamilyError,
 )
-from .cordapp import compactness
-from .memory import MemoryPlan, plan_memory
-from .plan import Plan, PlanRow, allocate_ranks, plan
-from .report import Run, Score, load_results, write_report
-from .saving import export_lora, load_corda, save_corda
-from .sequential import build_corda_sequential, calibrate_and_build
+from corda_vl.methods import get_method, method_names, register_method
+from corda_vl.plan import Plan, PlanRow, allocate_ranks, plan
+from corda_vl.saving import export_lora, load_corda, save_corda
+from corda_vl.scaleout.memory import MemoryPlan, plan_memory
+from corda_vl.scaleout.sequential import build_corda_sequential, calibrate_and_build
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BuildRecord",
@@ -39,8 +43,6 @@ __all__ = [
     "MemoryPlan",
     "Plan",
     "PlanRow",
-    "Run",
-    "Score",
     "TargetError",
     "UnknownFamilyError",
     "allocate_ranks",
@@ -51,10 +53,13 @@ __all__ = [
     "collect_covariances",
     "compactness",
     "export_lora",
+    "get_method",
     "load_corda",
-    "load_results",
+    "method_names",
     "plan",
     "plan_memory",
+    "register_method",
     "save_corda",
-    "write_report",
 ]
+
+__getattr__ = _compat.lab_attribute  # corda_vl.Run & co. moved to corda_vl.lab.report (deprecated here)

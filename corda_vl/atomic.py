@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import CordaError
+from corda_vl.errors import CordaError
 
 
 @contextlib.contextmanager

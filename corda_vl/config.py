@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Literal
 
 from peft.utils.other import get_pattern_key
 
-from .errors import CordaError
+from corda_vl.errors import CordaError
+from corda_vl.methods import get_method, method_names
 
-METHODS = ("corda", "corda++", "lora", "pissa", "milora")
-DECOMPOSING = ("corda", "corda++")
-"""Methods that decompose W C' with a calibration covariance."""
+MethodName = Literal["corda", "corda++", "lora", "pissa", "milora"]
+"""The built-in methods; ``corda_vl.methods.register_method`` adds more."""
+Mode = Literal["kpm", "ipm"]
 MODES = ("kpm", "ipm")
 NORMALIZATIONS = ("mean_diag", "none")
 DEFAULT_DAMPING = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
+def help_field(text: str, default: Any = MISSING, **kwargs: Any) -> Any:
+    """A dataclass field whose help text travels in ``metadata["help"]`` (argparse, docs, errors)."""
+    return field(default=default, metadata={"help": text}, **kwargs)
+
+
 
 
 @dataclass
@@ -29,111 +33,111 @@ class CordaConfig:
     change method with one flag and keep everything else (targets, ranks, scaling) identical.
     """
 
-    method: str = _help(
+    method: MethodName = help_field(
         "Adapter initialisation: 'corda' (covariance-oriented SVD, needs a CovarianceStore), "
         "'corda++' (CorDA with a covariance chosen per layer and ranks allocated per layer under "
         "one parameter budget, both by the compactness metric), 'lora' (PEFT's default init), 'pissa' (PEFT's principal-SVD init) or 'milora' "
         "(data-free: adapter from the smallest plain-SVD components of W).",
         default="corda",
     )
-    mode: str = _help(
+    mode: Mode = help_field(
         "'kpm' (knowledge-preserved: adapter from the smallest CO-SVD components, calibrate on the "
         "knowledge to keep) or 'ipm' (instruction-previewed: adapter from the largest components, "
         "calibrate on the task). Used by method='corda' and 'corda++' only.",
         default="kpm",
     )
-    r: int = _help("Default adapter rank of every targeted module.", default=16)
-    alpha: float | None = _help(
+    r: int = help_field("Default adapter rank of every targeted module.", default=16)
+    alpha: float | None = help_field(
         "LoRA alpha; the adapter output is scaled by alpha / r. None means alpha = r (scale 1).",
         default=None,
     )
-    groups: list[str] | None = _help(
+    groups: list[str] | None = help_field(
         "Module groups to adapt, as the model family names them (LLaMA: 'language'; CLIP: "
         "'vision', 'text', 'projection'; LLaVA: 'vision', 'projector', 'language'). None = the "
         "family's default groups.",
         default=None,
     )
-    target_modules: list[str] | str | None = _help(
+    target_modules: list[str] | str | None = help_field(
         "PEFT syntax: a list of module-name suffixes (e.g. ['q_proj', 'v_proj']) or one regex "
         "that must match the full module name. Applied inside the selected groups. None = every "
         "nn.Linear of the groups.",
         default=None,
     )
-    exclude_modules: list[str] | str | None = _help(
+    exclude_modules: list[str] | str | None = help_field(
         "PEFT syntax, like target_modules: modules to leave alone.", default=None
     )
-    rank_pattern: dict[str, int] = _help(
+    rank_pattern: dict[str, int] = help_field(
         "PEFT syntax: {name-or-regex: rank} overriding r for matching modules.",
         default_factory=dict,
     )
-    alpha_pattern: dict[str, float] = _help(
+    alpha_pattern: dict[str, float] = help_field(
         "PEFT syntax: {name-or-regex: alpha} overriding alpha for matching modules.",
         default_factory=dict,
     )
-    group_ranks: dict[str, int] = _help(
+    group_ranks: dict[str, int] = help_field(
         "{group: rank} for whole groups (e.g. {'vision': 8, 'language': 32}); rank_pattern entries "
         "that match a module still win.",
         default_factory=dict,
     )
-    group_modes: dict[str, str] = _help(
+    group_modes: dict[str, str] = help_field(
         "{group: 'kpm' | 'ipm'} overriding mode per group (e.g. KPM on language, IPM on the "
         "projector). To freeze a group, leave it out of groups.",
         default_factory=dict,
     )
-    source: str | None = _help(
+    source: str | None = help_field(
         "Which covariance of the store to use when it holds several (e.g. 'calib', 'nq'). None "
         "= the store's only source.",
         default=None,
     )
-    candidates: list[str] | None = _help(
+    candidates: list[str] | None = help_field(
         "corda++: covariance sources each layer may choose from by compactness (store source "
         "names; a parent such as 'calib' stands for the sum of its parts). None = `source` and "
         "every part of it the store holds for the layer (LLaVA language layers: all tokens, image "
         "tokens, text tokens; collect_covariances(splits=N): N random splits).",
         default=None,
     )
-    budget: int | None = _help(
+    budget: int | None = help_field(
         "corda++: trainable-parameter budget shared by all targeted layers of all groups, "
         "sum_l r_l * (d_in + d_out). None = the budget of the ranks the other fields give "
         "(uniform r, group_ranks, rank_pattern).",
         default=None,
     )
-    rank_min: int | dict[str, int] | None = _help(
+    rank_min: int | dict[str, int] | None = help_field(
         "corda++: smallest rank a layer can get (an int, or {group: int}). None = a quarter of "
         "the layer's nominal rank (at least 1).",
         default=None,
     )
-    rank_max: int | dict[str, int] | None = _help(
+    rank_max: int | dict[str, int] | None = help_field(
         "corda++: largest rank a layer can get (an int, or {group: int}); capped at "
         "min(d_in, d_out) - 1. None = twice the layer's nominal rank. The build keeps this "
         "many components per layer until the allocation is done, so it bounds the extra memory.",
         default=None,
     )
-    rank_step: int = _help("corda++: rank granted per step of the greedy allocation.", default=1)
-    damping: tuple[float, ...] = _help(
+    rank_step: int = help_field("corda++: rank granted per step of the greedy allocation.", default=1)
+    damping: tuple[float, ...] = help_field(
         "Damping schedule: C' = C + lam * mean(diag C) * I with the smallest lam for which a "
         "float64 Cholesky factorisation succeeds.",
         default=DEFAULT_DAMPING,
     )
-    covariance_normalization: str = _help(
+    covariance_normalization: str = help_field(
         "'mean_diag' divides the damped covariance by its mean diagonal before the SVD, which "
         "makes A and B independent of the scale of the calibration activations; 'none' uses C "
         "as collected (original CorDA; the A/B balance then depends on that scale).",
         default="mean_diag",
     )
-    factor_balance: str = _help(
+    factor_balance: str = help_field(
         "How each component's singular value is split between A and B: 'sigma' (sqrt(sigma) on "
         "both sides, the paper's split) or 'norm' (rescaled so that ||A_i|| = ||B_i||; B A and "
         "the model at init are unchanged, but Adam's step size on B A is LoRA-like instead of "
         "scaled by the large norm C'^{-1} gives A; see README 'KPM and the factor balance').",
         default="sigma",
     )
-    decompose_dtype: str = _help(
+    decompose_dtype: str = help_field(
         "dtype of the exact decomposition path and of the Rayleigh-Ritz check ('float64' or "
         "'float32'); results are cast to the weight dtype at the end.",
         default="float64",
     )
-    svd: str = _help(
+    svd: str = help_field(
         "'auto': M = W C' in float32, a basis from the eigendecomposition of its smaller Gram "
         "matrix (float64 for KPM, float32 for IPM), refined by a float64 Rayleigh-Ritz step and kept "
         "only if float64 confirms what it claims (KPM: the tail carries at most 1.01x its claimed "
@@ -143,20 +147,19 @@ class CordaConfig:
         "randomised top-r SVD (IPM only).",
         default="auto",
     )
-    lowrank_niter: int = _help(
+    lowrank_niter: int = help_field(
         "Power iterations of the randomised SVD: svd='lowrank', and the float32 basis that "
         "svd='auto' uses for method='corda', mode='ipm'.",
         default=4,
     )
-    pissa_niter: int | None = _help(
+    pissa_niter: int | None = help_field(
         "method='pissa': None = PEFT's exact SVD; an int = PEFT's fast 'pissa_niter_N' init.",
         default=None,
     )
-    lora_dropout: float = _help("Dropout on the adapter input during training.", default=0.0)
+    lora_dropout: float = help_field("Dropout on the adapter input during training.", default=0.0)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise CordaError(f"method={self.method!r} is not one of {METHODS}.")
+        method = get_method(self.method)  # an unknown name raises, listing the registered methods
         if self.mode not in MODES:
             raise CordaError(f"mode={self.mode!r} is not one of {MODES}.")
         if not isinstance(self.r, int) or self.r < 1:
@@ -174,9 +177,6 @@ class CordaConfig:
             raise CordaError(f"decompose_dtype={self.decompose_dtype!r}: use 'float64' or 'float32'.")
         if self.svd not in ("auto", "full", "lowrank"):
             raise CordaError(f"svd={self.svd!r}: use 'auto', 'full' or 'lowrank'.")
-        if self.svd == "lowrank" and self.method == "corda++":
-            raise CordaError("method='corda++' scores layers with every singular value, which svd='lowrank' "
-                             "does not compute. Use svd='auto' or 'full'.")
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
             raise CordaError(f"budget={self.budget!r} must be a positive number of trainable parameters.")
         if not isinstance(self.rank_step, int) or self.rank_step < 1:
@@ -195,11 +195,6 @@ class CordaConfig:
                 raise CordaError(f"rank_min {lo} is above rank_max {hi}{where}.")
         if self.candidates is not None and not self.candidates:
             raise CordaError("candidates=[] leaves nothing to choose from; use None for every available source.")
-        if self.svd == "lowrank" and self.method == "corda" and self.mode == "kpm":
-            raise CordaError(
-                "svd='lowrank' finds the largest components only; KPM needs the smallest. "
-                "Use svd='auto' or 'full' with mode='kpm'."
-            )
         self.damping = tuple(float(x) for x in self.damping)
         if not self.damping or any(x < 0 for x in self.damping) or list(self.damping) != sorted(self.damping):
             raise CordaError(f"damping={self.damping!r} must be a non-empty ascending list of lam >= 0.")
@@ -210,6 +205,7 @@ class CordaConfig:
             raise CordaError(f"group_modes {bad}: modes must be one of {MODES}.")
         if any(not isinstance(r, int) or r < 1 for r in self.group_ranks.values()):
             raise CordaError(f"group_ranks={self.group_ranks!r} must map groups to positive integers.")
+        method.validate(self)
 
     def rank_for(self, module_name: str, group: str | None = None) -> int:
         """Rank of one module: rank_pattern (resolved exactly as PEFT does), then group_ranks, then r."""

@@ -7,19 +7,23 @@ code ``build_corda`` runs) and returns the plan it leads to.
 
 from __future__ import annotations
 
+import importlib
+import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from .adapters import _check_untied
-from .allocation import allocate_layers, analyse_layers
-from .config import DECOMPOSING, CordaConfig
-from .covariance import CovarianceStore
-from .errors import CordaError
-from .families import detect_family
-from .families.base import Family
-from .targets import Target, resolve_targets
+from corda_vl.adapters.build import check_untied
+from corda_vl.config import CordaConfig
+from corda_vl.methods import get_method
+from corda_vl.methods.corda import describe_covariance
+from corda_vl.methods.cordapp import allocate_layers, analyse_layers
+from corda_vl.calibration.store import CovarianceStore
+from corda_vl.errors import CordaError
+from corda_vl.families import detect_family
+from corda_vl.families.base import Family
+from corda_vl.targets import Target, resolve_targets
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class PlanRow:
     source: str | None = None
     """The store source the covariance is taken from (corda++: the one selected)."""
     score: float | None = None
-    """corda++: compactness of the layer at its allocated rank (see corda_vl.cordapp)."""
+    """corda++: compactness of the layer at its allocated rank (see corda_vl.decomposition.compactness)."""
 
 
 @dataclass
@@ -77,13 +81,13 @@ class Plan:
         return [asdict(row) for row in self.rows]
 
     def plot(self, path) -> None:
-        """PNG of rank per layer, coloured by group (see corda_vl.plots.plot_ranks)."""
-        from .plots import plot_ranks
-
-        plot_ranks(self, path)
+        """Deprecated: use ``corda_vl.lab.plots.plot_ranks(plan, path)`` (the plots need the lab extra)."""
+        warnings.warn("Plan.plot is deprecated and goes in 0.3; use corda_vl.lab.plots.plot_ranks(plan, path).",
+                      DeprecationWarning, stacklevel=2)
+        importlib.import_module("corda_vl.lab.plots").plot_ranks(self, path)
 
     def __str__(self) -> str:
-        mode = f" {self.mode.upper()}" if self.method in DECOMPOSING else ""
+        mode = f" {self.mode.upper()}" if get_method(self.method).needs_store else ""
         lines = [f"{self.method}{mode}: {len(self.rows)} modules, {self.trainable:,} trainable parameters"]
         if self.budget is not None:
             lines[0] += f" (budget {self.budget:,}, realised {self.trainable / self.budget:.4f}x)"
@@ -107,13 +111,6 @@ def _row(t: Target, rank: int, alpha: float, covariance: str, source: str | None
                    source, score)
 
 
-def _describe(family: Family, t: Target, store: CovarianceStore | None, source: str | None) -> str:
-    cov = family.describe(t.name, t.group)
-    if source is not None and store is not None and t.name in store.inputs:
-        cov += f" [{source}, input {store.inputs[t.name]}, {store.count(t.name, source)} tokens]"
-    return cov
-
-
 def plan(model: nn.Module, config: CordaConfig | None = None, store: CovarianceStore | None = None,
          *, family: Family | None = None) -> Plan:
     """List the modules ``build_corda(model, store, config)`` would adapt, with their ranks and
@@ -124,20 +121,10 @@ def plan(model: nn.Module, config: CordaConfig | None = None, store: CovarianceS
     if config.method == "corda++" and store is not None:
         return allocate_ranks(model, store, config, family=family, progress=False)
     targets = resolve_targets(model, family, config.groups, config.target_modules, config.exclude_modules)
-    source = store.resolve_source(config.source) if store is not None and config.method in DECOMPOSING else None
-    rows = []
-    for t in targets:
-        if config.method in ("lora", "pissa"):
-            cov = "none (data-free)"
-        elif config.method == "milora":
-            cov = "identity (data-free)"
-        else:
-            cov = _describe(family, t, store, source)
-        if config.method == "corda++":
-            cov = f"chosen per layer at build (nominal rank): {cov}"
-        if config.method in DECOMPOSING and config.group_modes:
-            cov = f"{config.mode_for(t.group)}: {cov}"
-        rows.append(_row(t, config.rank_for(t.name, t.group), config.alpha_for(t.name, t.group), cov, source))
+    method = get_method(config.method)
+    source = store.resolve_source(config.source) if store is not None and method.needs_store else None
+    rows = [_row(t, config.rank_for(t.name, t.group), config.alpha_for(t.name, t.group),
+                 method.covariance_label(family, t, store, source, config), source) for t in targets]
     return Plan(config.method, config.mode, rows)
 
 
@@ -156,7 +143,7 @@ def allocate_ranks(model: nn.Module, store: CovarianceStore, config: CordaConfig
     family = family or detect_family(model)
     targets = resolve_targets(model, family, config.groups, config.target_modules, config.exclude_modules)
     store.check_model(model, modules=[t.name for t in targets])
-    _check_untied(model, targets)  # the build refuses tied weights; so does its dry run
+    check_untied(model, targets)  # the build refuses tied weights; so does its dry run
     base = store.resolve_source(config.source)
     choices = analyse_layers(targets, store, config, base, keep_components=False, progress=progress)
     ranks, budget = allocate_layers(choices, config)
@@ -164,6 +151,6 @@ def allocate_ranks(model: nn.Module, store: CovarianceStore, config: CordaConfig
     for t in targets:
         c, r = choices[t.name], ranks[t.name]
         scores = ", ".join(f"{s} {v:.4f}" for s, v in c.scores.items()) if len(c.scores) > 1 else ""
-        cov = f"{c.mode}: {_describe(family, t, store, c.source)}" + (f" (of {scores})" if scores else "")
+        cov = f"{c.mode}: {describe_covariance(family, t, store, c.source)}" + (f" (of {scores})" if scores else "")
         rows.append(_row(t, r, config.scaling_for(t.name, t.group) * r, cov, c.source, c.rank_scores[r]))
     return Plan(config.method, config.mode, rows, budget["budget"])

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from .adapters import BuildRecord, _register, build_record
-from .atomic import atomic_dir
-from .errors import CacheError, CordaError
+from corda_vl.adapters.record import BuildRecord, build_record, register_record
+from corda_vl.atomic import atomic_dir
+from corda_vl.errors import CacheError, CordaError
 
 FORMAT = "corda_vl.adapter"
 VERSION = 1
@@ -135,7 +135,7 @@ def load_corda(out_dir: str | os.PathLike, *, base_model: torch.nn.Module | None
     adapter_dir = out / "adapter" if name == "default" else out / "adapter" / name  # PEFT nests non-default names
     model = PeftModel.from_pretrained(base, adapter_dir, adapter_name=name, is_trainable=is_trainable)
     if meta.get("build"):
-        _register(model, BuildRecord.from_dict(meta["build"]))
+        register_record(model, BuildRecord.from_dict(meta["build"]))
     return model
 
 

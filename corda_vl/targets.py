@@ -9,8 +9,8 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from .errors import TargetError
-from .families.base import Family
+from corda_vl.errors import TargetError
+from corda_vl.families.base import Family
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from corda_vl import CordaConfig, build_corda, build_record, collect_covariances, save_corda
-from corda_vl.data import capital_questions, country_fact_texts, padded_batches
-from corda_vl.models import load_llama
+from corda_vl.lab.data import capital_questions, country_fact_texts, padded_batches
+from corda_vl.lab.models import load_llama
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded alias, hub id or local folder")

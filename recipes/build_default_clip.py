@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from corda_vl.models.default_clip import ALIASES, BUILD_RECORD, default_clip_dir
+from corda_vl.lab.models.default_clip import ALIASES, BUILD_RECORD, default_clip_dir
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--name", default="corda-vl-clip", choices=sorted(ALIASES), help="which embedded CLIP")

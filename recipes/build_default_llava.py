@@ -17,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-from corda_vl.models.default_llava import BUILD_RECORD, DEFAULT_LLAVA, default_llava_dir
+from corda_vl.lab.models.default_llava import BUILD_RECORD, DEFAULT_LLAVA, default_llava_dir
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--name", default=DEFAULT_LLAVA, help="embedded alias (corda-vl-llava or corda-vl-llava-tiny)")

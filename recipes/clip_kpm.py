@@ -5,7 +5,7 @@
     python recipes/clip_kpm.py --mode ipm --groups vision
     python recipes/clip_kpm.py --smoke                   # seconds, for CI
 
-Task: generated capital letters (corda_vl.data.glyphs.letters: 10 letters at random size,
+Task: generated capital letters (corda_vl.lab.data.glyphs.letters: 10 letters at random size,
 position and rotation, bright on a dark background), which the default CLIP never saw: zero-shot acc1 on held-out
 images starts at chance. Training is FLYP-style: the cross-entropy of the zero-shot classifier
 (one prompt per class through the text tower at every step), so both towers learn. Knowledge to
@@ -28,12 +28,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from corda_vl import CordaError
-from corda_vl.data import colors, digits, letters, shapes
-from corda_vl.eval.clip import clip_encoder, zero_shot_eval, zero_shot_templates
-from corda_vl.experiment import (Recipe, base_scores, calibrated_store, compare_methods, parse_recipe,
+from corda_vl.lab.data import colors, digits, letters, shapes
+from corda_vl.lab.eval.clip import clip_encoder, zero_shot_eval, zero_shot_templates
+from corda_vl.lab.experiment import (Recipe, base_scores, calibrated_store, compare_methods, parse_recipe,
                                  print_plans, recipe_device)
-from corda_vl.losses import clip_class_loss
-from corda_vl.models import load_clip
+from corda_vl.lab.losses import clip_class_loss
+from corda_vl.lab.models import load_clip
 
 args, cfg = parse_recipe(__doc__, Path(__file__).parent / "configs" / "clip_kpm.yaml")
 out_dir = Path(cfg["output_dir"])

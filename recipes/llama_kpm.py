@@ -23,15 +23,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from corda_vl.data import (country_records, knowledge_calibration_texts, knowledge_qa, knowledge_shots,
+from corda_vl.lab.data import (country_records, knowledge_calibration_texts, knowledge_qa, knowledge_shots,
                            padded_batches)
-from corda_vl.data.countries import country_fact_texts
-from corda_vl.data.skills import skill_qa
-from corda_vl.eval.llm import qa_exact_match, qa_prompt, text_perplexity
-from corda_vl.experiment import (Recipe, base_scores, calibrated_store, compare_methods, parse_recipe,
+from corda_vl.lab.data.countries import country_fact_texts
+from corda_vl.lab.data.skills import skill_qa
+from corda_vl.lab.eval.llm import qa_exact_match, qa_prompt, text_perplexity
+from corda_vl.lab.experiment import (Recipe, base_scores, calibrated_store, compare_methods, parse_recipe,
                                  print_plans, recipe_device)
-from corda_vl.losses import answer_batch, answer_loss
-from corda_vl.models import load_llama
+from corda_vl.lab.losses import answer_batch, answer_loss
+from corda_vl.lab.models import load_llama
 
 args, cfg = parse_recipe(__doc__, Path(__file__).parent / "configs" / "llama_kpm.yaml")
 out_dir = Path(cfg["output_dir"])

@@ -35,13 +35,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from corda_vl.data import easy_vqa, knowledge_calibration_texts, knowledge_qa, knowledge_shots, padded_batches, vqa_skill
-from corda_vl.eval.llm import padding_side, qa_exact_match
-from corda_vl.eval.vlm import vqa_accuracy
-from corda_vl.experiment import (Recipe, base_scores, calibrated_store, compare_methods, parse_recipe,
+from corda_vl.lab.data import easy_vqa, knowledge_calibration_texts, knowledge_qa, knowledge_shots, padded_batches, vqa_skill
+from corda_vl.lab.eval.llm import padding_side, qa_exact_match
+from corda_vl.lab.eval.vlm import vqa_accuracy
+from corda_vl.lab.experiment import (Recipe, base_scores, calibrated_store, compare_methods, parse_recipe,
                                  print_plans, recipe_device)
-from corda_vl.losses import answer_batch, answer_loss
-from corda_vl.models.default_llava import load_llava
+from corda_vl.lab.losses import answer_batch, answer_loss
+from corda_vl.lab.models.default_llava import load_llava
 
 args, cfg = parse_recipe(__doc__, Path(__file__).parent / "configs" / "llava_kpm.yaml")
 out_dir = Path(cfg["output_dir"])

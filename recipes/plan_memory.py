@@ -25,7 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 from transformers import CLIPConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-from corda_vl.memory import plan_memory
+from corda_vl.scaleout.memory import plan_memory
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--config", help="a local config.json or model folder to plan instead of the built-in three")

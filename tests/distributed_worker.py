@@ -28,9 +28,9 @@ import torch.distributed as dist
 from conftest import clip_batches, text_batches, tiny_clip, tiny_llama
 from safetensors.torch import save_file
 
-from corda_vl import adapters
-from corda_vl.distributed import main_process_first
-from corda_vl.training import TrainConfig, train
+from corda_vl.methods import corda as corda_method
+from corda_vl.scaleout.distributed import main_process_first
+from corda_vl.lab.training import TrainConfig, train
 from corda_vl import CordaConfig, CovarianceStore, build_corda, build_corda_sequential, collect_covariances
 
 METHODS = {
@@ -104,7 +104,7 @@ def main(out: Path, reference: Path) -> None:
     if rank == 1:  # every decomposition on this rank fails
         def broken(*args, **kwargs):
             raise torch.linalg.LinAlgError("simulated failure")
-        adapters.corda_factors = broken
+        corda_method.corda_factors = broken
     try:
         build_corda(tiny_llama(), CovarianceStore.load(reference), CordaConfig(r=4), progress=False)
     except Exception as exc:  # noqa: BLE001

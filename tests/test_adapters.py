@@ -5,7 +5,7 @@ import torch
 from conftest import logits, module_inputs, tiny_llama
 
 from corda_vl import CordaConfig, CordaError, DecompositionError, TargetError, build_corda, build_record, collect_covariances
-from corda_vl.decompose import damp_covariance
+from corda_vl.decomposition.cosvd import damp_covariance
 
 
 @pytest.fixture

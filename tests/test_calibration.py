@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import llava_batches, module_inputs, text_batches, tiny_llama, tiny_llava
 
-from corda_vl import CalibrationError, calibration, collect_covariances
-from corda_vl.gram import GramSum
+from corda_vl import CalibrationError, collect_covariances
+from corda_vl.calibration import collector
+from corda_vl.calibration.gram import GramSum
 
 
 def direct_inputs(model, batch, module_name):
@@ -69,7 +70,7 @@ def test_shared_inputs_are_stored_once(llama, batches):
 
 
 def test_cpu_sums_are_allocated_before_each_forward_never_inside_it(llama, batches, monkeypatch):
-    """Sums opened inside the forward pin the heap holes of freed activations (calibration.py);
+    """Sums opened inside the forward pin the heap holes of freed activations (calibration/collector.py);
     on CPU every sum is reserved in ``start_batch``, and the unused reservations are dropped."""
     in_forward, opened = [], []
 
@@ -78,7 +79,7 @@ def test_cpu_sums_are_allocated_before_each_forward_never_inside_it(llama, batch
             opened.append(bool(in_forward))
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(calibration, "GramSum", Spy)
+    monkeypatch.setattr(collector, "GramSum", Spy)
     llama.register_forward_pre_hook(lambda module, args: in_forward.append(True))
     llama.register_forward_hook(lambda module, args, out: in_forward.clear(), always_call=True)
     store = collect_covariances(llama, batches, progress=False)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from corda_vl import CordaError
-from corda_vl.cordapp import RankRequest, allocate, compactness, rank_scores, select_best
-from corda_vl.decompose import co_svd, damp_covariance, eigen_range
+from corda_vl.decomposition.compactness import RankRequest, allocate, compactness, rank_scores, select_best
+from corda_vl.decomposition.cosvd import co_svd, damp_covariance, eigen_range
 
 
 def test_hand_computed_case():

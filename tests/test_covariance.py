@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_llama
 
 from corda_vl import CacheError, CordaError, CovarianceStore, collect_covariances
-from corda_vl.covariance import model_fingerprint
+from corda_vl.calibration.store import model_fingerprint
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_not_a_store_file(tmp_path):
 
 
 def test_damped_covariance_equals_damping_a_copy_and_leaves_the_sums_alone(store):
-    from corda_vl.decompose import damp_covariance
+    from corda_vl.decomposition.cosvd import damp_covariance
 
     s = store
     key = next(iter(s.inputs.values()))

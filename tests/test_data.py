@@ -2,7 +2,7 @@
 
 import torch
 
-from corda_vl.data import capital_questions, country_fact_texts, country_records, padded_batches, token_blocks
+from corda_vl.lab.data import capital_questions, country_fact_texts, country_records, padded_batches, token_blocks
 
 
 class CharTokenizer:
@@ -40,12 +40,12 @@ def test_padded_batches_mask_padding():
 
 
 def test_knowledge_calibration_texts_are_seeded_and_hold_no_evaluation_country():
-    from corda_vl.data import knowledge_calibration_texts
+    from corda_vl.lab.data import knowledge_calibration_texts
 
     texts = knowledge_calibration_texts(64, seed=0)
     assert len(texts) == 64 == len(set(texts)) and texts == knowledge_calibration_texts(64, seed=0)
     assert any(t.startswith("Question:") for t in texts) and not all(t.startswith("Question:") for t in texts)
-    from corda_vl.data import knowledge_qa
+    from corda_vl.lab.data import knowledge_qa
 
     evaluated = set(knowledge_qa(fields=("capital",), seed=0)["eval"]["question"])
     assert not any(q in t for q in evaluated for t in texts)

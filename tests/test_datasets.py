@@ -11,10 +11,10 @@ import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Image, Value
 from PIL import Image as PILImage
 
-from corda_vl.data import (colors, country_splits, digits, easy_vqa, fashion_mnist, from_datasets, image_folder,
+from corda_vl.lab.data import (colors, country_splits, digits, easy_vqa, fashion_mnist, from_datasets, image_folder,
                            image_table, knowledge_qa, shapes)
-from corda_vl.data.images import FASHION_MNIST_ROOT
-from corda_vl.data.vqa import SHAPES, _evidence, easy_vqa_split
+from corda_vl.lab.data.images import FASHION_MNIST_ROOT
+from corda_vl.lab.data.vqa import SHAPES, _evidence, easy_vqa_split
 from corda_vl.errors import CordaError
 
 

@@ -1,10 +1,10 @@
-"""Pure maths of DESIGN.md §2, checked against independent numpy computations."""
+"""Pure maths of docs/maths.md, checked against independent numpy computations."""
 
 import numpy as np
 import pytest
 import torch
 
-from corda_vl.decompose import (_short_wide_svd, co_svd, corda_factors, damp_covariance, identity_covariance,
+from corda_vl.decomposition.cosvd import (_short_wide_svd, co_svd, corda_factors, damp_covariance, identity_covariance,
                                subtract_adapter_)
 from corda_vl.errors import DecompositionError
 
@@ -195,7 +195,7 @@ def test_auto_below_float32_resolution_carries_negligible_context():
 
 
 def test_auto_falls_back_when_float64_disagrees(monkeypatch):
-    import corda_vl.decompose as decompose
+    import corda_vl.decomposition.cosvd as decompose
 
     W, C = random_problem(40, 32, n=400)
     cov = damp_covariance(C, DAMPING)

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from corda_vl.models import build_default_clip, load_clip
-from corda_vl.models.default_clip import (BUILD_RECORD, DefaultClipError, clip_bpe_tokenizer, clip_recipe,
+from corda_vl.lab.models import build_default_clip, load_clip
+from corda_vl.lab.models.default_clip import (BUILD_RECORD, DefaultClipError, clip_bpe_tokenizer, clip_recipe,
                                           contrastive_loss, evaluate_default_clip)
 
 TINY = "corda-vl-clip-tiny"
@@ -97,9 +97,9 @@ def test_tiny_build_is_deterministic(cache, tmp_path):
 
 
 def test_no_training_caption_is_an_evaluation_prompt():
-    from corda_vl.data.vqa import COLORS, SHAPES
-    from corda_vl.eval.clip import zero_shot_templates
-    from corda_vl.models.default_clip import _captions
+    from corda_vl.lab.data.vqa import COLORS, SHAPES
+    from corda_vl.lab.eval.clip import zero_shot_templates
+    from corda_vl.lab.models.default_clip import _captions
 
     recipe = clip_recipe("default")
     captions = set(_captions(recipe)[0])
@@ -153,7 +153,7 @@ def tiny_bpe_clip():
 def test_load_clip_reads_a_local_transformers_folder(tmp_path):
     from transformers import CLIPImageProcessor
 
-    from corda_vl.eval.clip import CLIP_MEAN, CLIP_STD, default_preprocess
+    from corda_vl.lab.eval.clip import CLIP_MEAN, CLIP_STD, default_preprocess
 
     model = tiny_bpe_clip()
     model.save_pretrained(tmp_path / "clip")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_llama, tiny_tokenizer
 
-from corda_vl.models.default_llava import BUILD_RECORD, build_default_llava, default_llava_dir, load_llava
+from corda_vl.lab.models.default_llava import BUILD_RECORD, build_default_llava, default_llava_dir, load_llava
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from conftest import clip_batches, text_batches, tiny_clip, tiny_llama
 from safetensors.torch import load_file
 
 from corda_vl import CovarianceStore, collect_covariances
-from corda_vl.distributed import assign_owners, decomposition_cost, owned_keys, world
+from corda_vl.scaleout.distributed import assign_owners, decomposition_cost, owned_keys, world
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 METHODS = ("corda_kpm", "corda_ipm", "cordapp", "milora")

@@ -8,7 +8,7 @@ from conftest import clip_batches, tiny_clip, tiny_open_clip, tiny_tokenizer
 from PIL import Image
 
 from corda_vl import CordaConfig, build_corda, collect_covariances
-from corda_vl.eval.clip import build_zero_shot_classifier, clip_encoder, image_logits, zero_shot_eval
+from corda_vl.lab.eval.clip import build_zero_shot_classifier, clip_encoder, image_logits, zero_shot_eval
 
 CLASSES = ["circle", "rectangle", "triangle", "paris", "tokyo", "berlin"]
 TEMPLATES = ["a photo of a {} .", "the {} ."]

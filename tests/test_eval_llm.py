@@ -6,7 +6,7 @@ import torch
 from conftest import text_batches, tiny_llama, tiny_tokenizer
 
 from corda_vl import CordaConfig, build_corda, collect_covariances
-from corda_vl.eval.llm import continuation_logprobs, qa_exact_match, qa_loglik, qa_prompt, text_perplexity
+from corda_vl.lab.eval.llm import continuation_logprobs, qa_exact_match, qa_loglik, qa_prompt, text_perplexity
 
 ROWS = [{"question": "What is the capital of France?", "answer": "paris", "field": "capital"},
         {"question": "What is the capital of Japan?", "answer": "tokyo", "field": "capital"},

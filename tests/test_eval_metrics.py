@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from corda_vl.eval.metrics import (
+from corda_vl.lab.eval.metrics import (
     exact_match,
     mean_per_class_recall,
     normalize_answer,
@@ -14,7 +14,7 @@ from corda_vl.eval.metrics import (
     topk_accuracy,
     zscl_metrics,
 )
-from corda_vl.eval.retention import evaluate_retention, mean_relative_retention
+from corda_vl.lab.eval.retention import evaluate_retention, mean_relative_retention
 
 
 def test_normalisation_and_exact_match():

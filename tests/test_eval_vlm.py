@@ -7,8 +7,8 @@ from conftest import llava_batches, tiny_llava, tiny_tokenizer
 from PIL import Image
 
 from corda_vl import CordaConfig, build_corda, collect_covariances
-from corda_vl.eval.llm import qa_exact_match
-from corda_vl.eval.vlm import vqa_accuracy
+from corda_vl.lab.eval.llm import qa_exact_match
+from corda_vl.lab.eval.vlm import vqa_accuracy
 
 
 def processor():

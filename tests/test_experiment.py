@@ -10,7 +10,7 @@ from peft import PeftModel
 from transformers import LlamaForCausalLM
 
 from corda_vl import CordaError, collect_covariances, load_results, write_report
-from corda_vl.experiment import Recipe, corda_config, parse_recipe, results_table, run_method, train_config
+from corda_vl.lab.experiment import Recipe, corda_config, parse_recipe, results_table, run_method, train_config
 
 YAML = """
 recipe: demo

@@ -1,4 +1,4 @@
-"""Generated glyph images (corda_vl.data.glyphs): deterministic, balanced, well-formed, checked args."""
+"""Generated glyph images (corda_vl.lab.data.glyphs): deterministic, balanced, well-formed, checked args."""
 
 from collections import Counter
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from datasets import ClassLabel, DatasetDict, Image
 
-from corda_vl.data import letters
-from corda_vl.data.glyphs import LETTERS, render_glyph
+from corda_vl.lab.data import letters
+from corda_vl.lab.data.glyphs import LETTERS, render_glyph
 from corda_vl.errors import CordaError
 
 

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from corda_vl.gram import BLOCK, MIN_BLOCKS, GramSum
+from corda_vl.calibration.gram import BLOCK, MIN_BLOCKS, GramSum
 
 
 @pytest.mark.parametrize("dim", [1, 3, 7, 4 * BLOCK - 1, 4 * BLOCK + 1, 6 * BLOCK])

@@ -8,8 +8,8 @@ from peft import PeftModel
 from peft.helpers import rescale_adapter_scale
 
 from corda_vl import CordaConfig, CordaError, build_corda, collect_covariances, export_lora, save_corda
-from corda_vl.interpolation import adapter_scale, initial_factors
-from corda_vl.training import trainable_parameters
+from corda_vl.lab.interpolation import adapter_scale, initial_factors
+from corda_vl.lab.training import trainable_parameters
 
 
 def trained(method, tmp_path):

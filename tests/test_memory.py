@@ -12,7 +12,7 @@ from conftest import clip_batches, llava_batches, text_batches, tiny_clip, tiny_
 
 from corda_vl import collect_covariances
 from corda_vl.errors import CordaError
-from corda_vl.memory import MemoryPlan, plan_memory
+from corda_vl.scaleout.memory import MemoryPlan, plan_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAVA_GROUPS = ["vision", "projector", "language"]
@@ -100,12 +100,15 @@ def test_config_file_and_folder(tmp_path):
 
 
 def test_failed_detection_falls_back_to_no_dedupe(monkeypatch):
-    import corda_vl.memory as memory
+    import dataclasses
 
-    def broken(family, model):
+    import corda_vl.scaleout.memory as memory
+
+    def broken(model):
         raise RuntimeError("probe exploded")
 
-    monkeypatch.setattr(memory, "_probe_batch", broken)
+    family = dataclasses.replace(memory.detect_family(tiny_llama()), probe_batch=broken)
+    monkeypatch.setattr(memory, "detect_family", lambda model: family)
     plan = plan_memory(tiny_llama())
     assert plan.sharing.startswith("NOT detected") and "probe exploded" in plan.sharing
     assert plan.inputs == plan.modules == plan.matrices
@@ -147,7 +150,7 @@ def test_notes_say_when_targets_span_several_stacks():
 
 
 def test_sequential_figures_match_build_corda_sequential():
-    sequential = pytest.importorskip("corda_vl.sequential")
+    sequential = pytest.importorskip("corda_vl.scaleout.sequential")
     from corda_vl import CordaConfig, build_record
 
     batches = text_batches()

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_open_clip
 
 from corda_vl import CordaError
-from corda_vl.models import load_open_clip
+from corda_vl.lab.models import load_open_clip
 
 TINY = {"embed_dim": 24, "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "head_width": 8, "patch_size": 4},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}

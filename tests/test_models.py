@@ -6,7 +6,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
-from corda_vl.models import load_llama
+from corda_vl.lab.models import load_llama
 
 
 def test_load_llama_from_a_local_folder(tmp_path):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import logits, text_batches, tiny_llama
 
-import corda_vl.adapters as adapters
+import corda_vl.adapters.build as adapters
 from corda_vl import CordaConfig, build_corda, collect_covariances
-from corda_vl.pages import prefault_for_writing
+from corda_vl.adapters.pages import prefault_for_writing
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from corda_vl.models import smollm2_available
+from corda_vl.lab.models import smollm2_available
 
 ROOT = Path(__file__).resolve().parents[1]
 

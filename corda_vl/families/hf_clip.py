@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from ..errors import CalibrationError
-from .base import Family, Routes, clip_describe, has_module, register_family, tensor_dict, text_mask
+from corda_vl.errors import CalibrationError
+from corda_vl.families.base import (Family, Routes, clip_describe, has_module, image_probe, register_family, tensor_dict,
+                                    text_mask, text_probe)
 
 KEYS = ("pixel_values", "input_ids", "attention_mask")
 
@@ -68,5 +69,7 @@ HF_CLIP = register_family(
         forward=_forward,
         prepare=_prepare,
         describe=clip_describe,
+        image_groups=("vision",),
+        probe_batch=lambda model: {"pixel_values": image_probe(model.config.vision_config), **text_probe()},
     )
 )

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..errors import CalibrationError
-from .base import Family, Routes, has_module, register_family, tensor_dict, text_mask
+from corda_vl.errors import CalibrationError
+from corda_vl.families.base import Family, Routes, has_module, register_family, tensor_dict, text_mask, text_probe
 
 TEXT_KEYS = ("input_ids", "attention_mask")
 
@@ -58,5 +58,6 @@ LLAMA = register_family(
         prepare=prepare_text,
         task_type="CAUSAL_LM",
         describe=lambda name, group: "LM head input (text tokens)" if group == "head" else "text tokens",
+        probe_batch=lambda model: text_probe(),
     )
 )

@@ -16,9 +16,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
-from ..errors import CalibrationError
-from .base import Family, Routes, has_module, register_family, tensor_dict, text_mask
+from corda_vl.errors import CalibrationError
+from corda_vl.families.base import (Family, Routes, has_module, image_probe, image_tokens, register_family, tensor_dict,
+                                    text_mask, text_probe)
 
 KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
 
@@ -76,6 +78,17 @@ def _describe(name: str, group: str) -> str:
             "head": "image tokens + text tokens (separate sources)"}[group]
 
 
+def _probe_batch(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Text with one image's worth of image tokens in it, and the image."""
+    config = model.config
+    image_id = getattr(config, "image_token_id", None)
+    image_id = config.image_token_index if image_id is None else image_id
+    n = image_tokens(config) - (getattr(config, "vision_feature_select_strategy", "default") == "default")
+    text = text_probe()["input_ids"]
+    ids = torch.cat([text[:, :2], torch.full((1, n), image_id), text[:, 2:]], dim=1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": image_probe(config.vision_config)}
+
+
 LLAVA = register_family(
     Family(
         name="llava",
@@ -91,6 +104,8 @@ LLAVA = register_family(
         forward=_forward,
         prepare=_prepare,
         describe=_describe,
+        image_groups=("vision", "projector"),
+        probe_batch=_probe_batch,
         priority=10,  # a LLaVA contains a LLaMA; the more specific family wins
     )
 )

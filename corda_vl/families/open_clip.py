@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CalibrationError, TargetError
-from .base import Family, Routes, clip_describe, register_family
-from .open_clip_convert import is_converted
+from corda_vl.errors import CalibrationError, TargetError
+from corda_vl.families.base import Family, Routes, clip_describe, register_family
+from corda_vl.families.open_clip_convert import is_converted
 
 PAD_ID = 0
 
@@ -71,6 +71,7 @@ OPEN_CLIP = register_family(
         groups={"vision": r"^visual\." + BLOCK, "text": r"^" + BLOCK,
                 "projection": r"^(visual\.proj\.linear|text_projection\.linear|text_projection)$"},
         default_groups=("vision", "text"),
+        image_groups=("vision",),
         route=_route,
         forward=_forward,
         prepare=_prepare,

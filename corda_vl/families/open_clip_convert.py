@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CordaError
+from corda_vl.errors import CordaError
 
 
 class ExplicitAttention(nn.Module):

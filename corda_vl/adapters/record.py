@@ -1,0 +1,47 @@
+"""How a PeftModel was built (method, source, damping per module...), kept beside the model.
+
+Records live in a weak dictionary keyed by the PeftModel, never as attributes on the user's
+modules; :func:`build_record` reads them and ``save_corda`` writes them next to the adapter.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+_RECORDS: "weakref.WeakKeyDictionary[nn.Module, BuildRecord]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class BuildRecord:
+    """What build_corda did, per module: written to ``corda_vl.json`` by save_corda."""
+
+    family: str
+    config: dict[str, Any]
+    source: str | None = None
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    budget: dict[str, int] | None = None
+    """corda++: {"budget": asked, "realised": sum r_l (d_in + d_out)}."""
+    calibration: dict[str, Any] | None = None
+    """build_corda_sequential: blocks, peak covariance bytes, cache bytes."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "config": self.config, "source": self.source, "modules": self.modules,
+                "budget": self.budget, "calibration": self.calibration}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BuildRecord":
+        return cls(data["family"], data["config"], data.get("source"), data.get("modules", {}), data.get("budget"),
+                   data.get("calibration"))
+
+
+def build_record(peft_model: nn.Module) -> BuildRecord | None:
+    """The record of how ``peft_model`` was built (None for models corda_vl did not build/load)."""
+    return _RECORDS.get(peft_model)
+
+
+def register_record(peft_model: nn.Module, record: BuildRecord) -> None:
+    _RECORDS[peft_model] = record

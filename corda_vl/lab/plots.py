@@ -1,0 +1,111 @@
+"""PNG plots (matplotlib, headless). Imported lazily: nothing else in the package needs it."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from corda_vl.plan import Plan
+    from corda_vl.lab.report import Point
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers / CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_ranks(plan: "Plan", path: str | os.PathLike) -> None:
+    """Rank per adapted layer in model order, one colour per group."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, len(plan.rows) * 0.04 + 3), 3.2))
+    groups = list(dict.fromkeys(row.group for row in plan.rows))
+    colours = plt.get_cmap("tab10")
+    for g, group in enumerate(groups):
+        xs = [i for i, row in enumerate(plan.rows) if row.group == group]
+        ax.bar(xs, [plan.rows[i].rank for i in xs], width=1.0, color=colours(g % 10), label=group)
+    ax.set_xlabel("adapted layer (model order)")
+    ax.set_ylabel("rank")
+    title = f"{plan.method} {plan.mode.upper()}: {plan.trainable:,} trainable parameters"
+    if plan.budget is not None:
+        title += f" (budget {plan.budget:,})"
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@dataclass
+class RetentionPlot:
+    """What :func:`plot_retention` drew, read back from the figure (so callers and tests can check it)."""
+
+    points: list[tuple[str, float, float]] = field(default_factory=list)
+    """(label, gain, retention) of every run drawn as a single point."""
+    curves: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
+    """{label: [(scale, gain, retention), ...]} of every adapter-scale sweep drawn as a line."""
+    skipped: list[str] = field(default_factory=list)
+    """Labels of runs left out because their gain or retention is undefined (NaN)."""
+
+
+def plot_retention(points: list[Point], path: str | os.PathLike, title: str = "",
+                   xlabel: str = "task gain", ylabel: str = "mean relative retention") -> RetentionPlot:
+    """Task gain (x) against retention (y): one labelled point per run, one line per scale sweep.
+
+    Up and right is better: the plot shows at a glance which method learns the task while
+    forgetting least, and (sweeps) how much task gain each bit of forgetting buys.
+    """
+    plt = _pyplot()
+    drawn = RetentionPlot()
+    def defined(p: Point) -> bool:
+        return math.isfinite(p.gain) and math.isfinite(p.retention)
+
+    finite = [p for p in points if defined(p)]
+    drawn.skipped = [p.label if p.scale is None else f"{p.label} @ {p.scale:g}" for p in points if not defined(p)]
+    labels = list(dict.fromkeys(p.label for p in finite))
+    colours = plt.get_cmap("tab10")
+    colour = {label: colours(i % 10) for i, label in enumerate(labels)}
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    ax.axhline(1.0, color="0.7", lw=0.8, ls="--")
+    ax.axvline(0.0, color="0.7", lw=0.8, ls="--")
+    sweeps: dict[str, list[Point]] = {}
+    stacked: dict[tuple[float, float], int] = {}  # runs at the same spot get their labels stacked
+    for p in finite:
+        if p.scale is None:
+            k = stacked[(p.gain, p.retention)] = stacked.get((p.gain, p.retention), -1) + 1
+            ax.scatter([p.gain], [p.retention], color=colour[p.label], s=36, zorder=3)
+            ax.annotate(p.label, (p.gain, p.retention), xytext=(4, 4 + 10 * k), textcoords="offset points",
+                        fontsize=8, color=colour[p.label])
+        else:
+            sweeps.setdefault(p.label, []).append(p)
+    for label, sweep in sweeps.items():
+        sweep.sort(key=lambda p: p.scale)
+        (line,) = ax.plot([p.gain for p in sweep], [p.retention for p in sweep], "-o", ms=3,
+                          color=colour[label], label=f"{label} (scale sweep)")
+        for p in sweep:
+            ax.annotate(f"{p.scale:g}", (p.gain, p.retention), xytext=(3, -9), textcoords="offset points",
+                        fontsize=7, color=colour[label])
+        xs, ys = line.get_data()
+        drawn.curves[label] = [(p.scale, float(x), float(y)) for p, x, y in zip(sweep, xs, ys)]
+    singles = [p for p in finite if p.scale is None]
+    for p, collection in zip(singles, ax.collections):  # one scatter collection per single point, in order
+        x, y = collection.get_offsets()[0]
+        drawn.points.append((p.label, float(x), float(y)))
+    if sweeps:
+        ax.legend(fontsize=8)
+    if drawn.skipped:
+        ax.text(0.01, 0.01, "not plotted (undefined): " + ", ".join(drawn.skipped), transform=ax.transAxes,
+                fontsize=7, color="0.4")
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")  # explicit: atomic writers hand us a *.tmp path
+    plt.close(fig)
+    return drawn

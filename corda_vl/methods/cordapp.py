@@ -1,0 +1,212 @@
+"""CorDA++: score each layer's candidate covariances, keep the most compact one, and allocate
+ranks under one parameter budget. The maths is in ``corda_vl.decomposition.compactness``; this
+file walks the targets and the store, and keeps what the build needs in dicts keyed by module name.
+
+Cost: one CO-SVD per (layer, candidate), each computing every singular value (the metric needs
+them) and keeping the ``rank_max`` components the allocation may hand out; the chosen ones become
+the factors, so nothing is decomposed twice. The condition number of each damped covariance comes
+from :func:`eigen_range` (Lanczos), not an eigendecomposition.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from corda_vl.decomposition.compactness import RankRequest, allocate, rank_scores, select_best
+from corda_vl.decomposition.cosvd import (Components, balance_factors, co_svd, components, context_share,
+                                          eigen_range, factors_from)
+from corda_vl.errors import CordaError, DecompositionError
+from corda_vl.methods.base import (Decomposition, Method, damped_input, factor_dtype, for_each_input,
+                                   module_record, register_method)
+from corda_vl.methods.corda import describe_covariance
+from corda_vl.scaleout.distributed import gather_objects, is_distributed, share_results
+
+if TYPE_CHECKING:
+    from corda_vl.calibration.store import CovarianceStore
+    from corda_vl.config import CordaConfig
+    from corda_vl.families.base import Family
+    from corda_vl.targets import Target
+
+
+@dataclass
+class LayerChoice:
+    """What the analysis decided for one layer (before its rank is allocated)."""
+
+    target: Target
+    mode: str
+    nominal: int
+    low: int
+    high: int
+    source: str
+    scores: dict[str, float] = field(default_factory=dict)
+    """Compactness at the nominal rank, per candidate source (the chosen one is the highest)."""
+    rank_scores: tuple[float, ...] = ()
+    singular_values: torch.Tensor | None = None
+    parts: Components | None = None
+    """The ``high`` components the rank is sliced from (KPM: smallest, IPM: largest)."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """damping, tokens, input key, svd path of the chosen covariance."""
+
+    def request(self) -> RankRequest:
+        t = self.target
+        return RankRequest(t.name, self.mode, t.d_in + t.d_out, self.nominal, self.low, self.high, self.rank_scores)
+
+    def components_for(self, r: int) -> Components:
+        """The r components of the adapter: the last r kept (KPM tail) or the first r (IPM head)."""
+        keep = slice(self.high - r, self.high) if self.mode == "kpm" else slice(0, r)
+        return self.parts.take(keep)
+
+
+def candidate_sources(store: CovarianceStore, module: str, base: str, wanted: list[str] | None) -> list[str]:
+    """Sources ``module`` may choose from: ``base`` first, then its parts (or the ``wanted`` list)."""
+    have = store.sources_for(module)
+    if wanted is None:
+        options = [base] + [s for s in have if s.startswith(base + "/")]
+    else:
+        options = list(wanted)
+    options = [s for s in options if s in have]
+    if not options:
+        raise CordaError(f"module {module!r} has none of the candidate covariances {wanted or [base]}; "
+                         f"the store has {have} for it.")
+    return options
+
+
+def analyse_layers(
+    targets: list[Target], store: CovarianceStore, config: CordaConfig, base: str,
+    keep_components: bool = True, progress: bool = True,
+) -> dict[str, LayerChoice]:
+    """Score every candidate covariance of every target and keep the best per layer (collective)."""
+    choices: dict[str, LayerChoice] = {}
+    for_each_input(targets, store, lambda key, members: _analyse_input(key, members, store, config, base,
+                                                                       keep_components, choices),
+                   desc="decomposing (corda++)", progress=progress)
+    return _gather_choices(choices, targets)
+
+
+def _gather_choices(local: dict[str, LayerChoice], targets: list[Target]) -> dict[str, LayerChoice]:
+    """Collective: every rank's layer choices, in target order. Components stay with the rank that
+    computed them (None elsewhere): only it slices the factors, which are then broadcast."""
+    if not is_distributed():
+        return local
+    shipped = {name: replace(c, target=None, parts=None, singular_values=c.singular_values.cpu())
+               for name, c in local.items()}
+    merged: dict[str, LayerChoice] = {}
+    for rank_choices in gather_objects(shipped):
+        merged.update(rank_choices)
+    return {t.name: local.get(t.name) or replace(merged[t.name], target=t) for t in targets if t.name in merged}
+
+
+def _analyse_input(key: str, members: list[Target], store: CovarianceStore, config: CordaConfig, base: str,
+                   keep_components: bool, choices: dict[str, LayerChoice]) -> None:
+    """Score every candidate covariance of one input for the modules reading it."""
+    device = members[0].module.weight.device
+    for source in candidate_sources(store, key, base, config.candidates):
+        cov = damped_input(store, key, source, config, device, name=f"{key} [{source}]")
+        spectrum = eigen_range(cov)
+        for t in members:
+            choice = choices.get(t.name) or _new_choice(t, config, source)
+            choices[t.name] = choice
+            try:
+                triplets = co_svd(t.module.weight.detach(), cov, choice.high, choice.mode, config.svd,
+                                  config.lowrank_niter)
+            except (DecompositionError, torch.linalg.LinAlgError) as exc:
+                raise DecompositionError(f"module {t.name!r} [{source}]: {exc}") from exc
+            scores = rank_scores(triplets.singular_values, spectrum, choice.mode)
+            choice.scores[source] = float(scores[min(choice.nominal, choice.high)])
+            if select_best(choice.scores) == source:
+                choice.source = source
+                choice.rank_scores = tuple(scores.tolist())
+                choice.singular_values = triplets.singular_values
+                choice.parts = components(triplets, cov) if keep_components else None
+                choice.details = {"input": key, "damping": cov.damping, "tokens": store.count(key, source),
+                                  "svd": triplets.path, "condition": spectrum[1] / spectrum[0]}
+        del cov
+
+
+def _check_bounds(choices: dict[str, LayerChoice], config: CordaConfig) -> None:
+    """Warn about settings that would be silently ignored; keep dead layers at their floor."""
+    groups = {c.target.group for c in choices.values()}
+    for name in ("rank_min", "rank_max"):
+        value = getattr(config, name)
+        unknown = sorted(set(value) - groups) if isinstance(value, dict) else []
+        if unknown:
+            warnings.warn(f"{name} names groups {unknown} that have no adapted layer (groups: {sorted(groups)}).",
+                          stacklevel=3)
+    for name, c in choices.items():
+        if float(c.singular_values.abs().max()) == 0 and c.high > c.low:
+            warnings.warn(f"{name}: W C' = 0 (a zero weight or zero inputs), so its adapter factors are zero and "
+                          f"cannot train; it keeps its floor rank {c.low}. Exclude it from the targets.", stacklevel=3)
+            c.high = c.low
+
+
+def _new_choice(t: Target, config: CordaConfig, source: str) -> LayerChoice:
+    low, high = config.rank_bounds(t.name, t.group, min(t.d_in, t.d_out))
+    return LayerChoice(t, config.mode_for(t.group), config.rank_for(t.name, t.group), low, high, source)
+
+
+def nominal_budget(choices: dict[str, LayerChoice]) -> int:
+    """Trainable parameters of the nominal ranks (uniform r, group_ranks, rank_pattern)."""
+    return sum(c.nominal * (c.target.d_in + c.target.d_out) for c in choices.values())
+
+
+def allocate_layers(choices: dict[str, LayerChoice], config: CordaConfig) -> tuple[dict[str, int], dict[str, int]]:
+    """(rank per layer, {"budget": asked, "realised": sum r_l (d_in + d_out)}) by the greedy
+    compactness allocation. Warns about settings that would be silently ignored first."""
+    _check_bounds(choices, config)
+    budget = config.budget if config.budget is not None else nominal_budget(choices)
+    ranks = allocate([c.request() for c in choices.values()], budget, config.rank_step)
+    realised = sum(r * (choices[n].target.d_in + choices[n].target.d_out) for n, r in ranks.items())
+    if realised < budget:
+        warnings.warn(f"the rank caps allow only {realised:,} of the {budget:,} trainable parameters asked for; "
+                      f"raise rank_max to use the whole budget.", stacklevel=3)
+    return ranks, {"budget": budget, "realised": realised}
+
+
+class CordaPlusPlus(Method):
+    name = "corda++"
+    summary = ("CorDA with a covariance chosen per layer and ranks allocated per layer under one parameter "
+               "budget, both by the compactness metric (needs a CovarianceStore)")
+    needs_store = True
+    allocates_ranks = True
+
+    def validate(self, config: CordaConfig) -> None:
+        if config.svd == "lowrank":
+            raise CordaError("method='corda++' scores layers with every singular value, which svd='lowrank' "
+                             "does not compute. Use svd='auto' or 'full'.")
+
+    def covariance_label(self, family: Family, target: Target, store: CovarianceStore | None,
+                         source: str | None, config: CordaConfig) -> str:
+        label = f"chosen per layer at build (nominal rank): {describe_covariance(family, target, store, source)}"
+        return f"{config.mode_for(target.group)}: {label}" if config.group_modes else label
+
+    def analyse(self, targets: list[Target], store: CovarianceStore | None, config: CordaConfig,
+                source: str | None, progress: bool) -> dict[str, Any]:
+        return analyse_layers(targets, store, config, source, keep_components=True, progress=progress)
+
+    def finish(self, analysed: dict[str, Any], targets: list[Target], config: CordaConfig) -> Decomposition:
+        """Allocate ranks over every analysed layer, then slice each layer's kept components."""
+        choices: dict[str, LayerChoice] = {t.name: analysed[t.name] for t in targets}
+        ranks, budget = allocate_layers(choices, config)
+        factors, info = {}, {}
+        for name, choice in choices.items():
+            if choice.parts is None:  # another process analysed this layer and sends its factors
+                continue
+            t, r = choice.target, ranks[name]
+            scaling = config.scaling_for(name, t.group)  # alpha / r kept constant: alpha_l = s * r_l
+            parts = choice.components_for(r)
+            A, B = balance_factors(*factors_from(parts, scaling), config.factor_balance)
+            keep = factor_dtype(t.module.weight)
+            factors[name] = (A.to(keep), B.to(keep))
+            info[name] = {**module_record(t, config), "rank": r, "alpha": scaling * r, "nominal_rank": choice.nominal,
+                          "mode": choice.mode, "source": choice.source, "candidates": choice.scores,
+                          "compactness": choice.rank_scores[r],
+                          "context_share": context_share(parts.S, choice.singular_values), **choice.details}
+        factors, info = share_results(factors, info)
+        return Decomposition(factors, {name: info[name] for name in choices}, budget)
+
+
+CORDA_PLUS_PLUS = register_method(CordaPlusPlus())
