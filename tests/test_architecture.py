@@ -210,3 +210,9 @@ def test_old_module_paths_still_import_with_a_warning(old, new):
         sys.modules.pop(old, None)
         module = importlib.import_module(old)
     assert module is importlib.import_module(new)
+
+
+def test_the_tests_mirror_the_package():
+    folders = {p.relative_to(ROOT / "tests") for p in (ROOT / "tests").rglob("*") if p.is_dir()
+               and p.name != "__pycache__" and any(p.glob("test_*.py"))}
+    assert folders and all((ROOT / "corda_vl" / folder).is_dir() for folder in folders), folders

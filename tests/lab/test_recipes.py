@@ -10,7 +10,7 @@ import torch
 
 from corda_vl.lab.models import smollm2_available
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from corda_vl import collect_covariances
 from corda_vl.errors import CordaError
 from corda_vl.scaleout.memory import MemoryPlan, plan_memory
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LLAVA_GROUPS = ["vision", "projector", "language"]
 
 
