@@ -11,7 +11,7 @@ planning). The retention lab that measures what an adapter keeps lives in ``cord
 (``pip install corda_vl[lab]``); nothing here imports it.
 """
 
-from corda_vl import _compat
+from corda_vl import deprecation
 from corda_vl.adapters import BuildRecord, build_corda, build_record
 from corda_vl.calibration import CovarianceStore, collect_covariances
 from corda_vl.config import CordaConfig
@@ -62,4 +62,4 @@ __all__ = [
     "save_corda",
 ]
 
-__getattr__ = _compat.lab_attribute  # corda_vl.Run & co. moved to corda_vl.lab.report (deprecated here)
+__getattr__ = deprecation.lab_attribute  # corda_vl.Run & co. moved to corda_vl.lab.report (deprecated here)

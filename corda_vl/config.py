@@ -129,7 +129,7 @@ class CordaConfig:
         "How each component's singular value is split between A and B: 'sigma' (sqrt(sigma) on "
         "both sides, the paper's split) or 'norm' (rescaled so that ||A_i|| = ||B_i||; B A and "
         "the model at init are unchanged, but Adam's step size on B A is LoRA-like instead of "
-        "scaled by the large norm C'^{-1} gives A; see README 'KPM and the factor balance').",
+        "scaled by the large norm C'^{-1} gives A; see docs/maths.md, 'KPM and the factor balance').",
         default="sigma",
     )
     decompose_dtype: str = help_field(
@@ -252,3 +252,18 @@ class CordaConfig:
         if unknown:
             raise CordaError(f"unknown CordaConfig fields {sorted(unknown)}; known: {sorted(known)}.")
         return cls(**data)
+
+
+def __getattr__(name: str) -> Any:
+    """METHODS / DECOMPOSING (0.1) now come from the method registry; deprecated, go in 0.3."""
+    import warnings
+
+    if name == "METHODS":
+        value = method_names()
+    elif name == "DECOMPOSING":
+        value = tuple(m for m in method_names() if get_method(m).needs_store)
+    else:
+        raise AttributeError(f"module 'corda_vl.config' has no attribute {name!r}")
+    warnings.warn(f"corda_vl.config.{name} is deprecated: use corda_vl.methods.method_names() / "
+                  f"get_method(name).needs_store.", DeprecationWarning, stacklevel=2)
+    return value

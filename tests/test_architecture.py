@@ -111,7 +111,7 @@ def test_no_module_imports_another_modules_private_names():
     bad = [f"{name}:{line} imports {mod}.{attr}" for name, path in modules.items()
            for mod, attr, line in _imports(name, path, modules)
            if (attr.startswith("_") or mod.rpartition(".")[2].startswith("_")) and mod != name
-           and mod != "corda_vl._compat"]
+           ]
     assert bad == []
 
 
@@ -199,17 +199,6 @@ def test_that_environment_really_lacks_the_labs_dependencies(core_site):
     for name in ("datasets", "matplotlib", "PIL", "torchvision"):
         result = _run(f"import {name}\n", core_site)
         assert result.returncode != 0 and "No module named" in result.stderr, (name, result.stderr[-2000:])
-
-
-@pytest.mark.parametrize("old, new", [("corda_vl.decompose", "corda_vl.decomposition.cosvd"),
-                                      ("corda_vl.data.vqa", "corda_vl.lab.data.vqa")])
-def test_old_module_paths_still_import_with_a_warning(old, new):
-    import importlib
-
-    with pytest.warns(DeprecationWarning, match="moved to"):
-        sys.modules.pop(old, None)
-        module = importlib.import_module(old)
-    assert module is importlib.import_module(new)
 
 
 def test_the_tests_mirror_the_package():

@@ -151,3 +151,16 @@ def wrap_with_factors(model: nn.Module, targets: list[Target], config: CordaConf
     peft_model.peft_config[adapter_name].init_lora_weights = True
     register_record(peft_model, record)
     return peft_model
+
+
+def decompose_targets(targets: list[Target], store: CovarianceStore | None, config: CordaConfig, source: str | None,
+                      progress: bool) -> tuple[Factors | None, dict]:
+    """Deprecated (goes in 0.3): ``get_method(config.method)``'s ``analyse`` then ``finish``."""
+    import warnings
+
+    warnings.warn("corda_vl.adapters.build.decompose_targets is deprecated: use "
+                  "corda_vl.methods.get_method(config.method).analyse(...) and .finish(...).", DeprecationWarning,
+                  stacklevel=2)
+    method = get_method(config.method)
+    result = method.finish(method.analyse(targets, store, config, source, progress), targets, config)
+    return result.factors, result.modules

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from corda_vl.calibration.collector import Collector, StopForward
 from corda_vl.calibration.store import CovarianceStore, model_fingerprint
 from corda_vl.scaleout.distributed import agreed, all_reduce_store, world
+from corda_vl.deprecation import renamed_arguments
 from corda_vl.errors import CalibrationError
 from corda_vl.families import detect_family
 from corda_vl.families.base import Family, Routes, batch_to_device
@@ -44,13 +45,14 @@ def input_device(model: nn.Module) -> torch.device:
     return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
+@renamed_arguments(targets="target_modules", exclude="exclude_modules")
 def collect_covariances(
     model: nn.Module,
     batches: Iterable[Any],
     *,
     groups: Sequence[str] | None = None,
-    targets: Sequence[str] | str | None = None,
-    exclude: Sequence[str] | str | None = None,
+    target_modules: Sequence[str] | str | None = None,
+    exclude_modules: Sequence[str] | str | None = None,
     source: str = "calib",
     splits: int = 1,
     dtype: torch.dtype = torch.float32,
@@ -67,8 +69,8 @@ def collect_covariances(
         model: a model of a registered family (see ``corda_vl.families``).
         batches: an iterable of dicts / BatchEncodings (``input_ids``, ``attention_mask``...) or
             of ``input_ids`` tensors; any batch size, padding excluded through the mask.
-        groups, targets, exclude: which modules, as in ``CordaConfig`` (groups, target_modules,
-            exclude_modules). Calibrate a superset of what you will adapt, never less.
+        groups, target_modules, exclude_modules: which modules, as in ``CordaConfig``. Calibrate
+            a superset of what you will adapt, never less.
         source: name of this calibration data; several sources can live in one store.
         splits: N > 1 stores N random splits of the batches as ``source/split0`` ...
             ``source/split{N-1}`` (each block of N consecutive batches is dealt to the N splits in
@@ -80,7 +82,7 @@ def collect_covariances(
         stop_early: stop each forward once every target has seen its input (skips the LM head).
         sample_scale: "none" sums x x^T over all tokens (the default); "max" first divides each
             sample (batch row) by the |max| of its activations, as PEFT's ``preprocess_corda``
-            does (for comparisons: it weights samples by 1 / max^2, see README).
+            does (for comparisons: it weights samples by 1 / max^2, see docs/maths.md).
         distributed: under ``torchrun`` / ``accelerate launch`` (an initialised process group of
             several ranks), "auto" has each rank run every world_size-th batch of the same
             ``batches`` and then adds all ranks' sums and counts, so every rank returns the
@@ -89,7 +91,7 @@ def collect_covariances(
         progress: show a tqdm bar (on the main process).
     """
     family = family or detect_family(model)
-    resolved = resolve_targets(model, family, groups, targets, exclude)
+    resolved = resolve_targets(model, family, groups, target_modules, exclude_modules)
     if not isinstance(splits, int) or splits < 1:
         raise CalibrationError(f"splits={splits!r} must be a positive integer.")
     if sample_scale not in ("none", "max"):

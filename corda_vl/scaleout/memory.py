@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from corda_vl.calibration.loop import collect_covariances
+from corda_vl.deprecation import renamed_arguments
 from corda_vl.errors import CordaError
 from corda_vl.families import detect_family
 from corda_vl.families.base import image_tokens
@@ -213,7 +214,7 @@ def _shrunk(config):
     return tiny
 
 
-def _probe_sharing(model, family, names, groups, targets, exclude):
+def _probe_sharing(model, family, names, groups, target_modules, exclude_modules):
     """(module -> input key, input key -> sources, how) from calibrating a shrunk copy."""
     config = getattr(model, "config", None)
     if config is None:
@@ -224,9 +225,10 @@ def _probe_sharing(model, family, names, groups, targets, exclude):
         tiny = type(model)(_shrunk(config)).float().eval()
         if family.probe_batch is None:
             raise CordaError(f"the {family.name} family gives no probe batch")
-        store = collect_covariances(tiny, [family.probe_batch(tiny)], groups=groups, targets=targets,
-                                    exclude=exclude, family=family, distributed=False, progress=False)
-    tiny_names = [t.name for t in resolve_targets(tiny, family, groups, targets, exclude)]
+        store = collect_covariances(tiny, [family.probe_batch(tiny)], groups=groups, target_modules=target_modules,
+                                    exclude_modules=exclude_modules, family=family, distributed=False,
+                                    progress=False)
+    tiny_names = [t.name for t in resolve_targets(tiny, family, groups, target_modules, exclude_modules)]
     if tiny_names != names:
         raise CordaError("the shrunk copy's target modules differ from the model's")
     sources: dict[str, list[str]] = {}
@@ -259,12 +261,13 @@ def _block_memory(model: nn.Module, resolved: list[Target], inputs: dict[str, st
     return tuple(out)
 
 
+@renamed_arguments(targets="target_modules", exclude="exclude_modules")
 def plan_memory(
     model_or_config,
     *,
     groups: list[str] | None = None,
-    targets: list[str] | str | None = None,
-    exclude: list[str] | str | None = None,
+    target_modules: list[str] | str | None = None,
+    exclude_modules: list[str] | str | None = None,
     tokens: int = 256 * 2048,
     images: int = 256,
     weight_dtype: torch.dtype | None = None,
@@ -275,7 +278,7 @@ def plan_memory(
     Args:
         model_or_config: a transformers config (LlamaConfig, LlavaConfig, CLIPConfig...), a path to
             a config.json or model folder, or a model (on any device, meta included).
-        groups, targets, exclude: which modules, as in ``collect_covariances``.
+        groups, target_modules, exclude_modules: which modules, as in ``CordaConfig``.
         tokens: calibration tokens through the language / text layers (LLaVA: image tokens included).
         images: calibration images through the vision tower (the family's ``image_groups``), each counting
             (image_size / patch_size)^2 + 1 tokens.
@@ -287,11 +290,11 @@ def plan_memory(
     is_model = isinstance(source, nn.Module)
     model = source if is_model else _meta_model(source)
     family = detect_family(model)
-    resolved = resolve_targets(model, family, groups, targets, exclude)
+    resolved = resolve_targets(model, family, groups, target_modules, exclude_modules)
     names = [t.name for t in resolved]
     by_name = {t.name: t for t in resolved}
     try:
-        inputs, sources, sharing = _probe_sharing(model, family, names, groups, targets, exclude)
+        inputs, sources, sharing = _probe_sharing(model, family, names, groups, target_modules, exclude_modules)
     except Exception as exc:  # any failure: plan conservatively, and say why
         inputs, sources = {n: n for n in names}, {n: ["?"] for n in names}
         sharing = f"NOT detected ({type(exc).__name__}: {exc}); planned without dedupe, one source per module"

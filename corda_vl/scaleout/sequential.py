@@ -294,11 +294,11 @@ def calibrate_and_build(
         return build_corda(model, None, config, progress=progress)
     needed = None
     if memory_limit is not None:
-        needed = plan_memory(model, groups=config.groups, targets=config.target_modules,
-                             exclude=config.exclude_modules).covariance_bytes(dtype)
+        needed = plan_memory(model, groups=config.groups, target_modules=config.target_modules,
+                             exclude_modules=config.exclude_modules).covariance_bytes(dtype)
     if needed is not None and needed > memory_limit:
         return build_corda_sequential(model, batches, config, dtype=dtype, progress=progress, **sequential_options)
-    store = collect_covariances(model, batches, groups=config.groups, targets=config.target_modules,
-                                exclude=config.exclude_modules, dtype=dtype, progress=progress)
+    store = collect_covariances(model, batches, groups=config.groups, target_modules=config.target_modules,
+                                exclude_modules=config.exclude_modules, dtype=dtype, progress=progress)
     return build_corda(model, store, config, progress=progress)
 

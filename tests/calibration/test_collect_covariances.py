@@ -99,7 +99,7 @@ def test_a_modality_no_token_reached_leaves_no_covariance():
 
 def test_targets_and_early_stop(llama, batches):
     full = collect_covariances(llama, batches, stop_early=False, progress=False)
-    only_v = collect_covariances(llama, batches, targets=["v_proj"], progress=False)
+    only_v = collect_covariances(llama, batches, target_modules=["v_proj"], progress=False)
     assert only_v.modules == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
     for name in only_v.modules:
         torch.testing.assert_close(only_v.sum(name), full.sum(name))

@@ -84,3 +84,24 @@ def lab_attribute(name: str) -> Any:
 
 if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
     sys.meta_path.insert(0, _MovedModuleFinder())  # before the path finder, or a submodule would load twice
+
+
+def renamed_arguments(**renames: str):
+    """Decorator: accept each old keyword (``old=new``) for one release, with a DeprecationWarning."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            for old, new in renames.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{fn.__name__}() got both {old}= and {new}=; pass {new}= only.")
+                    warnings.warn(f"{fn.__name__}({old}=...) is now {new}=; the old name goes in corda_vl 0.3.",
+                                  DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return call
+
+    return wrap
