@@ -1,0 +1,104 @@
+"""The README's results block is generated from the benchmark files and cannot drift from them;
+the README stays short and cites nothing its readers do not have."""
+
+import copy
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+SCRIPT = ROOT / "benchmarks" / "readme_summary.py"
+
+
+def _load_summary():
+    spec = importlib.util.spec_from_file_location("readme_summary", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+summary = _load_summary()
+
+
+def test_readme_block_equals_the_generated_summary():
+    block = summary.block_of(README.read_text(encoding="utf-8"))
+    assert block == "\n" + summary.render()
+    assert summary.main(["--check", str(README)]) == 0
+
+
+def test_summary_figures_come_from_the_results_file():
+    data = json.loads(summary.VS_PEFT.read_text())
+    kpm = data["results"]["kpm"]
+    speedup = kpm["peft"]["seconds"] / kpm["ours"]["seconds"]
+    added = kpm["ours"]["added_rss_mb"] / kpm["peft"]["added_rss_mb"]
+    row = next(line for line in summary.render().splitlines() if line.startswith("| KPM |") and "e-0" in line)
+    assert f"| {speedup:.2f}× |" in row and f"| {added:.2f}× |" in row
+
+
+def test_check_fails_on_a_stale_block_and_write_repairs_it(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    text = README.read_text(encoding="utf-8")
+    stale = text.replace("| KPM | ", "| KPM | 1", 1)
+    assert stale != text
+    readme.write_text(stale, encoding="utf-8")
+    assert summary.main(["--check", str(readme)]) == 1
+    assert "stale" in capsys.readouterr().err
+    assert summary.main(["--write", str(readme)]) == 0
+    assert readme.read_text(encoding="utf-8") == text
+    assert summary.main(["--check", str(readme)]) == 0
+
+
+def test_a_results_file_missing_a_required_key_fails_loudly(tmp_path):
+    data = json.loads(summary.VS_PEFT.read_text())
+    broken = copy.deepcopy(data)
+    del broken["results"]["ipm"]["ours"]["added_rss_mb"]
+    path = tmp_path / "results_vs_peft.json"
+    path.write_text(json.dumps(broken))
+    with pytest.raises(summary.SummaryError, match=r"\['results'\]\['ipm'\]\['ours'\]\['added_rss_mb'\]"):
+        summary.render(path)
+    # the command line says so and exits non-zero, leaving the README alone
+    readme = tmp_path / "README.md"
+    readme.write_text(README.read_text(encoding="utf-8"), encoding="utf-8")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--results", str(path), "--write", str(readme)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "added_rss_mb" in done.stderr
+    assert readme.read_text(encoding="utf-8") == README.read_text(encoding="utf-8")
+
+
+def test_a_cordapp_file_missing_a_required_key_fails_loudly(tmp_path):
+    data = json.loads(summary.CORDAPP[0].read_text())
+    del data["best"]["corda++ alloc"]
+    path = tmp_path / "results_cordapp.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(summary.SummaryError, match=r"\['best'\]\['corda\+\+ alloc'\]"):
+        summary.render(summary.VS_PEFT, [path])
+
+
+def test_markers_must_appear_once_each():
+    with pytest.raises(summary.SummaryError, match="exactly one"):
+        summary.block_of("no markers here")
+    with pytest.raises(summary.SummaryError, match="exactly one"):
+        summary.block_of(f"{summary.BEGIN}\n{summary.BEGIN}\n{summary.END}\n")
+
+
+def test_readme_is_short_and_cites_no_internal_document():
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 300
+    assert "DESIGN" not in text
+    assert not re.search(r"\bissues? \d|#\d", text, re.IGNORECASE), "the README is written for users, not by issue"
+
+
+def test_readme_links_point_to_files_that_exist():
+    text = README.read_text(encoding="utf-8")
+    links = [target.split("#")[0] for target in re.findall(r"\]\(([^)\s]+)\)", text)]
+    local = [link for link in links if link and "://" not in link]
+    assert any(link.startswith("docs/") for link in local)
+    missing = [link for link in local if not (ROOT / link).exists() and link != "CHANGELOG.md"]
+    assert not missing, f"README links to missing files: {missing}"
