@@ -8,7 +8,7 @@ from typing import Any, Literal
 from peft.utils.other import get_pattern_key
 
 from corda_vl.errors import CordaError
-from corda_vl.methods import get_method, method_names
+from corda_vl.methods.registry import lookup, names
 
 MethodName = Literal["corda", "corda++", "lora", "pissa", "milora"]
 """The built-in methods; ``corda_vl.methods.register_method`` adds more."""
@@ -159,7 +159,7 @@ class CordaConfig:
     lora_dropout: float = help_field("Dropout on the adapter input during training.", default=0.0)
 
     def __post_init__(self) -> None:
-        method = get_method(self.method)  # an unknown name raises, listing the registered methods
+        method = lookup(self.method)  # an unknown name raises, listing the registered methods
         if self.mode not in MODES:
             raise CordaError(f"mode={self.mode!r} is not one of {MODES}.")
         if not isinstance(self.r, int) or self.r < 1:
@@ -259,9 +259,9 @@ def __getattr__(name: str) -> Any:
     import warnings
 
     if name == "METHODS":
-        value = method_names()
+        value = names()
     elif name == "DECOMPOSING":
-        value = tuple(m for m in method_names() if get_method(m).needs_store)
+        value = tuple(m for m in names() if lookup(m).needs_store)
     else:
         raise AttributeError(f"module 'corda_vl.config' has no attribute {name!r}")
     warnings.warn(f"corda_vl.config.{name} is deprecated: use corda_vl.methods.method_names() / "

@@ -39,7 +39,8 @@ MOVED_PACKAGES = {
     "corda_vl.models": "corda_vl.lab.models",
 }
 LAB_NAMES = {"Run": "corda_vl.lab.report", "Score": "corda_vl.lab.report",
-             "load_results": "corda_vl.lab.report", "write_report": "corda_vl.lab.report"}
+             "load_results": "corda_vl.lab.report", "write_report": "corda_vl.lab.report",
+             "plot_ranks": "corda_vl.lab.plots"}
 
 
 def new_module_name(old: str) -> str | None:
@@ -75,10 +76,17 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder):
 
 def lab_attribute(name: str) -> Any:
     """Module ``__getattr__`` of corda_vl: the report names, now in corda_vl.lab.report."""
-    if name not in LAB_NAMES:
+    if name not in LAB_NAMES or name == "plot_ranks":
         raise AttributeError(f"module 'corda_vl' has no attribute {name!r}")
     warnings.warn(f"corda_vl.{name} moved to {LAB_NAMES[name]}.{name}; the old name goes in corda_vl 0.3.",
                   DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(LAB_NAMES[name]), name)
+
+
+def lab_function(old: str, name: str) -> Any:
+    """The lab function that replaced a core method (``Plan.plot`` -> ``plot_ranks``), with a warning."""
+    warnings.warn(f"{old} moved to {LAB_NAMES[name]}.{name}; the old name goes in corda_vl 0.3.",
+                  DeprecationWarning, stacklevel=3)
     return getattr(importlib.import_module(LAB_NAMES[name]), name)
 
 

@@ -7,8 +7,6 @@ code ``build_corda`` runs) and returns the plan it leads to.
 
 from __future__ import annotations
 
-import importlib
-import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
@@ -16,6 +14,7 @@ from torch import nn
 
 from corda_vl.adapters.build import check_untied
 from corda_vl.config import CordaConfig
+from corda_vl.deprecation import lab_function
 from corda_vl.methods import get_method
 from corda_vl.methods.corda import describe_covariance
 from corda_vl.methods.cordapp import allocate_layers, analyse_layers
@@ -81,10 +80,8 @@ class Plan:
         return [asdict(row) for row in self.rows]
 
     def plot(self, path) -> None:
-        """Deprecated: use ``corda_vl.lab.plots.plot_ranks(plan, path)`` (the plots need the lab extra)."""
-        warnings.warn("Plan.plot is deprecated and goes in 0.3; use corda_vl.lab.plots.plot_ranks(plan, path).",
-                      DeprecationWarning, stacklevel=2)
-        importlib.import_module("corda_vl.lab.plots").plot_ranks(self, path)
+        """Deprecated (goes in 0.3): the rank plot is the lab's ``plot_ranks(plan, path)``."""
+        lab_function("Plan.plot", "plot_ranks")(self, path)
 
     def __str__(self) -> str:
         mode = f" {self.mode.upper()}" if get_method(self.method).needs_store else ""

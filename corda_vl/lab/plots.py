@@ -1,4 +1,5 @@
-"""PNG plots (matplotlib, headless). Imported lazily: nothing else in the package needs it."""
+"""PNG plots (matplotlib, headless; imported inside the functions that draw, so importing this
+module costs nothing)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from corda_vl.plan import Plan
-    from corda_vl.lab.report import Point
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run in the task-gain / retention plane (what the retention plot draws)."""
+
+    label: str
+    gain: float
+    retention: float
+    scale: float | None = None
 
 
 def _pyplot():

@@ -40,6 +40,7 @@ from typing import Any
 from corda_vl.config import help_field
 from corda_vl.atomic import atomic_file
 from corda_vl.errors import CordaError
+from corda_vl.lab.plots import Point, plot_retention
 from corda_vl.lab.eval.metrics import average_retention, lower_is_better, relative_retention as metric_retention
 
 RUN_KEYS = ("method", "mode", "trainable_params", "task", "retention", "seconds")
@@ -149,16 +150,6 @@ def task_gain(score: Score) -> float:
 def mean_retention(run: Run) -> float:
     """Mean relative retention over the run's retention benchmarks with a defined ratio (NaN if none)."""
     return average_retention(map(relative_retention, run.retention.values()))
-
-
-@dataclass(frozen=True)
-class Point:
-    """One run in the task-gain / retention plane (what the plot draws)."""
-
-    label: str
-    gain: float
-    retention: float
-    scale: float | None = None
 
 
 def retention_points(runs: list[Run]) -> list[Point]:
@@ -359,7 +350,6 @@ def write_report(out_dir: str | os.PathLike, recipe: str, model: str, runs: list
     results.json is written first, so the numbers survive even if plotting fails. Returns
     ``{"results": ..., "report": ..., "plot": ...}`` paths.
     """
-    from corda_vl.lab.plots import plot_retention
 
     if not runs:
         raise CordaError(f"{recipe}: no runs to report; evaluate at least one method before write_report.")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from corda_vl.errors import CordaError
+from corda_vl.methods import registry
 
 if TYPE_CHECKING:  # type hints only: the config imports this registry to validate its method
     from corda_vl.calibration.store import CovarianceStore
@@ -77,25 +77,20 @@ class Method:
         return Decomposition(None, {t.name: module_record(t, config) for t in targets})
 
 
-_REGISTRY: dict[str, Method] = {}
-
-
 def register_method(method: Method) -> Method:
     """Make ``method`` available as ``CordaConfig(method=method.name)``."""
-    _REGISTRY[method.name] = method
+    registry.add(method)
     return method
 
 
 def method_names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+    """The registered methods' names, in registration order."""
+    return registry.names()
 
 
 def get_method(name: str) -> Method:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise CordaError(f"method={name!r} is not one of {method_names()}. Register a new one with "
-                         f"corda_vl.methods.register_method.") from None
+    """The registered method called ``name`` (a CordaError listing the names otherwise)."""
+    return registry.lookup(name)
 
 
 def module_record(t: Target, config: CordaConfig) -> dict[str, Any]:

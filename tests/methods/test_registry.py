@@ -7,7 +7,7 @@ from conftest import logits, text_batches, tiny_llama
 
 from corda_vl import CordaConfig, CordaError, build_corda, build_record, collect_covariances, plan
 from corda_vl.methods import Decomposition, Method, get_method, method_names, register_method
-from corda_vl.methods import base as registry
+from corda_vl.methods import registry
 from corda_vl.methods.base import factor_dtype, module_record
 
 
