@@ -47,8 +47,8 @@ class GramSum:
 
         The diagonal blocks were written whole (their upper triangle is mirrored down, since a
         GEMM need not round x_i.x_j and x_j.x_i alike); each strict lower block is the transpose
-        of its upper mirror. No d x d temporaries: ~0.1 s for SmolLM2's 120 sums against
-        0.7-1.8 s for three temporaries each (measured on 2 cores), and no extra peak.
+        of its upper mirror. No d x d temporaries, so no extra peak and several times faster
+        (docs/performance.md).
         """
         gram, self._upper = self._upper, None
         b = self._block
@@ -66,8 +66,8 @@ def _long_lived_zeros(dim: int, dtype: torch.dtype, device: torch.device) -> tor
     turns out to read a shared input costs no resident memory (see calibration's reservations),
     and the mapping goes back to the OS when the tensor dies, wherever it sat. It is its own
     storage: the store saves and moves it like any tensor. ``GramSum.add`` writes it once before
-    its first GEMM: page faults taken inside MKL's read-then-write of C cost SmolLM2's 120 sums
-    0.7-1.7 s more than one zero-fill pass (0.1 s), measured on 2 cores.
+    its first GEMM, because page faults taken inside the BLAS's read-then-write of C cost far more
+    than one zero-fill pass (docs/performance.md).
     """
     if device.type != "cpu":
         return torch.zeros(dim, dim, dtype=dtype, device=device)

@@ -159,7 +159,7 @@ def _rayleigh_ritz(weight: torch.Tensor, cov: DampedCovariance, basis: torch.Ten
     ``side='left'``: it spans left ones (M^T Q = V_z S_z W_z^T gives U = Q W_z). M is never formed.
     On the left side U^T M = S V^T holds by construction, hence V^T C'^{-1} = S^{-1} U^T W: A
     needs no solve, and rounding in the basis along weak input directions is not amplified by
-    C'^{-1} (with a right basis from float32 it made ||A|| up to 100x too large on SmolLM2, IPM).
+    C'^{-1} (which a float32 right basis suffers from; docs/maths.md).
     """
     c, w = cov.matrix, weight.to(cov.matrix.dtype)
     q, _ = torch.linalg.qr(basis.to(c.dtype))
@@ -254,8 +254,8 @@ def _left_head(w32: torch.Tensor, top: CoSVD, dtype: torch.dtype) -> CoSVD:
 
     No float64 Rayleigh-Ritz: on a left basis it cannot move the span (the only thing s B A
     depends on) and would refine S, which only sets the A/B balance and the recorded context
-    share, from float32's ~1e-6 to float64 at the cost of a float64 copy of W per module (a
-    sixth of corda IPM's build on SmolLM2). The residual stays exact: it is taken from the
+    share, from float32's ~1e-6 to float64 at the cost of a float64 copy of W per module (see
+    docs/performance.md). The residual stays exact: it is taken from the
     factors as they are used (:func:`subtract_adapter_`).
     """
     vh_cinv = _over_singular_values(top.U.T @ w32, top.S)  # W in float32, as cast once for M
@@ -270,7 +270,7 @@ def _randomized_top(product: torch.Tensor, r: int, niter: int, oversample: int =
     gen = torch.Generator(device=product.device).manual_seed(0)
     omega = torch.randn(product.shape[1], q, generator=gen, dtype=product.dtype, device=product.device)
     basis, _ = torch.linalg.qr(product @ omega)
-    for _ in range(niter):  # one QR per M M^T step: on SmolLM2 as accurate as two, at half the QRs
+    for _ in range(niter):  # one QR per M M^T step, not two: as accurate on real weights
         basis, _ = torch.linalg.qr(product @ (product.T @ basis))
     u, s, vh = _short_wide_svd(basis.T @ product, r)
     total = float(torch.linalg.vector_norm(product)) ** 2  # in the product's dtype: a share needs no more
@@ -355,11 +355,9 @@ def eigen_range(cov: DampedCovariance, steps: int = 30) -> tuple[float, float]:
     """(lambda_min, lambda_max) of the damped covariance, without an eigendecomposition.
 
     Lanczos on C'^{-1} (two triangular solves with the Cholesky factor per step) for the smallest
-    and on C' for the largest: O(d^2) per step instead of a d^3 eigensolver (about 30 ms instead
-    of 190 ms for a 1536-wide covariance). On SmolLM2-135M's 120 calibration covariances
-    (condition numbers 2e4..1.5e7) lambda_min comes within 4e-3 of float64 eigvalsh and lambda_max
-    within 1e-13; Ritz
-    values lie inside the spectrum, so the condition number is never overestimated.
+    and on C' for the largest: O(d^2) per step instead of a d^3 eigensolver (accuracy and time:
+    docs/performance.md). Ritz values lie inside the spectrum, so the condition number is never
+    overestimated.
     """
     c = cov.matrix
     lam_min = 1.0 / _lanczos_top(cov.solve, cov.dim, steps, c.dtype, c.device)
@@ -399,8 +397,8 @@ def balance_factors(A: torch.Tensor, B: torch.Tensor, how: str = "sigma") -> tup
 
     "sigma" keeps the CO-SVD's split (sqrt(sigma) on both sides). "norm" takes
     c_i = sqrt(||A_i|| / ||B_i||) so that ||A_i|| = ||B_i||: A carries C'^{-1}, whose gain along
-    weakly-excited input directions makes ||A|| 10-60x a LoRA init on SmolLM2 (KPM) while B is
-    tiny; Adam then moves B by ~lr per entry and B A by that much times ||A||. Balanced factors
+    weakly-excited input directions makes ||A|| many times a LoRA init (KPM; docs/maths.md) while
+    B is tiny; Adam then moves B by ~lr per entry and B A by that much times ||A||. Balanced factors
     have a LoRA-like step size. Components with a zero factor are left alone."""
     if how == "sigma":
         return A, B

@@ -160,8 +160,8 @@ def _workspace(d_in: int, d_out: int) -> int:
     Damping: C in the decompose dtype, its damped copy and the Cholesky factor (3 d^2). SVD:
     C' and its factor (2 d^2), W cast and W C' (2 o d), U and V^T (k (o + d)), LAPACK's copy of
     its input and gesdd work space (o d + 4 k^2, approximate). An estimate: on CPU (float64,
-    2048x1024 and 1024x2048 weights) the measured peak RSS growth was within 10% of it; svd='auto'
-    needs less, GPU solvers have their own work spaces.
+    2048x1024 and 1024x2048 weights) the measured peak was close to it (docs/scale-out.md);
+    svd='auto' needs less, GPU solvers have their own work spaces.
     """
     d, o = d_in, d_out
     k = min(d, o)
