@@ -16,7 +16,8 @@ that carry the least of that knowledge; IPM calibrates on the task's train image
 
 Flow: evaluate the base model -> calibrate -> for each method: build, train (same rows, same
 steps), evaluate, save -> results.json / report.md / plot.png in --output-dir. Settings:
-recipes/configs/clip_kpm.yaml, each overridable by its flag (see --help).
+recipes/configs/clip_kpm.yaml (keys and types: corda_vl.lab.recipe_config.ClipRecipeConfig), each
+overridable by its flag (see --help).
 """
 
 import os
@@ -34,32 +35,34 @@ from corda_vl.lab.experiment import (Recipe, base_scores, calibrated_store, comp
                                  print_plans, recipe_device)
 from corda_vl.lab.losses import clip_class_loss
 from corda_vl.lab.models import load_clip
+from corda_vl.lab.recipe_config import ClipRecipeConfig
 
-args, cfg = parse_recipe(__doc__, Path(__file__).parent / "configs" / "clip_kpm.yaml")
-out_dir = Path(cfg["output_dir"])
-torch.manual_seed(cfg["seed"])
-TASKS = {"letters": lambda seed: letters(seed, cfg["task_train_rows"], cfg["task_eval_rows"])}
+args, cfg = parse_recipe(__doc__, Path(__file__).parent / "configs" / "clip_kpm.yaml",
+                         config_type=ClipRecipeConfig)
+out_dir = Path(cfg.output_dir)
+torch.manual_seed(cfg.seed)
+TASKS = {"letters": lambda seed: letters(seed, cfg.task_train_rows, cfg.task_eval_rows)}
 RETENTION = {"digits": digits, "shapes": shapes, "colors": colors}  # their templates share the name
-unknown = [cfg["task"]] * (cfg["task"] not in TASKS) + [n for n in cfg["retention"] if n not in RETENTION]
+unknown = [cfg.task] * (cfg.task not in TASKS) + [n for n in cfg.retention if n not in RETENTION]
 if unknown:
     raise CordaError(f"unknown task / retention set {unknown}; task: one of {sorted(TASKS)}, "
                      f"retention: any of {sorted(RETENTION)}.")
 
 
 def load_model():
-    return load_clip(cfg["model"], device=recipe_device(cfg))[0]
+    return load_clip(cfg.model, device=recipe_device(cfg))[0]
 
 
-model, tokenizer, preprocess = load_clip(cfg["model"], device=recipe_device(cfg))
-logit_scale = cfg["logit_scale"] or model.logit_scale.exp().item()
+model, tokenizer, preprocess = load_clip(cfg.model, device=recipe_device(cfg))
+logit_scale = cfg.logit_scale or model.logit_scale.exp().item()
 max_length = model.config.text_config.max_position_embeddings
-print(f"model: {cfg['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+print(f"model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
       f"{model.config.vision_config.image_size}px images, logit scale {logit_scale:.1f})")
 
 
 def subsample(split, n):
     """A seeded subsample of ``n`` rows as a list of {"image": PIL, "label": int}, decoded once."""
-    split = split.shuffle(seed=cfg["seed"]).select(range(min(n, len(split))))
+    split = split.shuffle(seed=cfg.seed).select(range(min(n, len(split))))
     return [{"image": im, "label": y} for im, y in zip(split["image"], split["label"])]
 
 
@@ -69,32 +72,32 @@ def prompts(classes, templates):
 
 # --- data: the task to learn, the knowledge to keep, the images + prompts that calibrate -------
 t0 = time.perf_counter()
-task = TASKS[cfg["task"]](cfg["seed"])
+task = TASKS[cfg.task](cfg.seed)
 task_classes = task["train"].features["label"].names
-task_templates = zero_shot_templates(cfg["task_templates"])
-train_prompts = [cfg["train_template"].format(c) for c in task_classes]
+task_templates = zero_shot_templates(cfg.task_templates)
+train_prompts = [cfg.train_template.format(c) for c in task_classes]
 rows = [(preprocess(im), y) for im, y in zip(task["train"]["image"], task["train"]["label"])]
 # {benchmark: (test rows, class names, templates)}; the task first
-eval_sets = {cfg["task"]: (subsample(task["test"], cfg["task_eval_rows"]), task_classes, task_templates)}
+eval_sets = {cfg.task: (subsample(task["test"], cfg.task_eval_rows), task_classes, task_templates)}
 calib_images, calib_prompts = [], []
-for name in cfg["retention"]:
-    data = RETENTION[name](cfg["seed"])
+for name in cfg.retention:
+    data = RETENTION[name](cfg.seed)
     classes = data["train"].features["label"].names
-    eval_sets[name] = (subsample(data["test"], cfg["retention_images"]), classes, zero_shot_templates(name))
-    calib_images += [r["image"] for r in subsample(data["train"], cfg["calib_samples"] // len(cfg["retention"]))]
+    eval_sets[name] = (subsample(data["test"], cfg.retention_images), classes, zero_shot_templates(name))
+    calib_images += [r["image"] for r in subsample(data["train"], cfg.calib_samples // len(cfg.retention))]
     # its own templates and the default ones: enough text tokens for the text tower's 512-wide fc2
     calib_prompts += prompts(classes, dict.fromkeys(zero_shot_templates(name) + zero_shot_templates("default")))
-if cfg["mode"] == "ipm":
-    calib_images = [r["image"] for r in subsample(task["train"], cfg["calib_samples"])]
+if cfg.mode == "ipm":
+    calib_images = [r["image"] for r in subsample(task["train"], cfg.calib_samples)]
     calib_prompts = prompts(task_classes, task_templates)
-print(f"data ({time.perf_counter() - t0:.0f} s): {len(rows)} {cfg['task']} train images; eval "
+print(f"data ({time.perf_counter() - t0:.0f} s): {len(rows)} {cfg.task} train images; eval "
       + ", ".join(f"{k} {len(v[0])}" for k, v in eval_sets.items()))
 
 
 def calib_batches():
     """Batches carrying both modalities (images + a share of the prompts), so that each corda++
     split (batches are dealt to splits) holds statistics of both towers."""
-    size = cfg["calib_batch_size"]
+    size = cfg.calib_batch_size
     n = max(1, -(-len(calib_images) // size))
     out = []
     for i in range(n):
@@ -109,7 +112,7 @@ def calib_batches():
 def evaluate(m):
     """{benchmark: ("acc1", value)}: zero-shot top-1 on the task and on each retention set."""
     encoder = clip_encoder(m, tokenizer, preprocess)
-    return {name: ("acc1", zero_shot_eval(encoder, test, classes, templates, batch_size=cfg["eval_batch_size"],
+    return {name: ("acc1", zero_shot_eval(encoder, test, classes, templates, batch_size=cfg.eval_batch_size,
                                           progress=False)["acc1"])
             for name, (test, classes, templates) in eval_sets.items()}
 
@@ -122,9 +125,9 @@ def loss_fn(m, batch):
 
 # --- calibrate once; every CorDA method reads the same store ----------------------------------
 store, calib_s = calibrated_store(
-    out_dir / f"covariances_{cfg['mode']}.safetensors", model, calib_batches, resume=args.resume, cfg=cfg)
+    out_dir / f"covariances_{cfg.mode}.safetensors", model, calib_batches, resume=args.resume, cfg=cfg)
 if store is not None:
-    print(f"calibrated ({cfg['mode']}) on {len(calib_images)} images + {len(calib_prompts)} prompts in "
+    print(f"calibrated ({cfg.mode}) on {len(calib_images)} images + {len(calib_prompts)} prompts in "
           f"{calib_s:.1f} s: {len(store.modules)} modules, {len(store.sums)} covariances")
 
 if args.dry_run:
@@ -134,5 +137,5 @@ if args.dry_run:
 # --- evaluate the base once, then each method from a fresh copy --------------------------------
 before = base_scores(evaluate, model, out_dir, resume=args.resume)
 del model  # each method loads a fresh copy
-recipe = Recipe("clip_kpm", cfg, load_model, rows, loss_fn, evaluate, cfg["task"], save_with=tokenizer)
+recipe = Recipe(cfg.recipe, cfg, load_model, rows, loss_fn, evaluate, cfg.task, save_with=tokenizer)
 compare_methods(recipe, store, before, out_dir, calibrate_seconds=calib_s, resume=args.resume)

@@ -15,16 +15,15 @@ Knowledge to keep: easy-VQA itself (accuracy on held-out questions) and, text on
 same model, capitals of held-out countries (3-shot exact match). KPM calibrates on easy-VQA train
 questions + answers with their images (the vision tower sees the pictures; the language layers see
 image tokens and text tokens, also kept apart as calib/image and calib/text) and on capital Q&A
-and fact paragraphs of *other* countries; IPM calibrates on the task rows instead. corda++ uses the
-whole covariance (YAML `cordapp: {candidates: [calib]}`): offered calib/image, it took it for
-nearly every language layer and lost every easy-VQA answer.
-Training (YAML): 100 steps x 8 rows at lr 5e-4. The task is one question type with number answers,
-so too much training teaches the model to answer *every* question with a number: at lr 2e-3 all
-three methods answered every easy-VQA question with a corner count (0 %).
+and fact paragraphs of *other* countries; IPM calibrates on the task rows instead.
+corda++ chooses among whole covariances only (YAML `cordapp: {candidates: [calib]}`), and the
+learning rate is low (5e-4): every task answer is a number, and more training teaches the model to
+answer every question with a number (the probes behind both: docs/results.md, llava_kpm).
 
 Flow: evaluate the base model -> calibrate -> for each method: build, train (same rows, same
 steps), evaluate, save -> results.json / report.md / plot.png in --output-dir. Settings:
-recipes/configs/llava_kpm.yaml, each overridable by its flag (see --help).
+recipes/configs/llava_kpm.yaml (keys and types: corda_vl.lab.recipe_config.LlavaRecipeConfig), each
+overridable by its flag (see --help).
 """
 
 import os
@@ -35,43 +34,46 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from corda_vl.lab.data import easy_vqa, knowledge_calibration_texts, knowledge_qa, knowledge_shots, padded_batches, vqa_skill
+from corda_vl.lab.data import (easy_vqa, knowledge_calibration_texts, knowledge_qa, knowledge_shots, padded_batches,
+                               vqa_skill)
 from corda_vl.lab.eval.llm import padding_side, qa_exact_match
 from corda_vl.lab.eval.vlm import vqa_accuracy
 from corda_vl.lab.experiment import (Recipe, base_scores, calibrated_store, compare_methods, parse_recipe,
                                  print_plans, recipe_device)
 from corda_vl.lab.losses import answer_batch, answer_loss
 from corda_vl.lab.models.default_llava import load_llava
+from corda_vl.lab.recipe_config import LlavaRecipeConfig
 
-args, cfg = parse_recipe(__doc__, Path(__file__).parent / "configs" / "llava_kpm.yaml")
-out_dir = Path(cfg["output_dir"])
-torch.manual_seed(cfg["seed"])
-template = cfg["template"]
+args, cfg = parse_recipe(__doc__, Path(__file__).parent / "configs" / "llava_kpm.yaml",
+                         config_type=LlavaRecipeConfig)
+out_dir = Path(cfg.output_dir)
+torch.manual_seed(cfg.seed)
+template = cfg.template
 
 
 def load_model():
-    return load_llava(cfg["model"], device=recipe_device(cfg))[0]
+    return load_llava(cfg.model, device=recipe_device(cfg))[0]
 
 
-model, processor = load_llava(cfg["model"], device=recipe_device(cfg))
+model, processor = load_llava(cfg.model, device=recipe_device(cfg))
 tokenizer = processor.tokenizer
-print(f"model: {cfg['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)")
+print(f"model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)")
 
 
-def sample(rows, n, seed=cfg["seed"]):
+def sample(rows, n, seed=cfg.seed):
     """A seeded subset of a datasets.Dataset, in its own order (images stay lazy)."""
     return rows if n >= len(rows) else rows.select(sorted(random.Random(seed).sample(range(len(rows)), n)))
 
 
 # --- data: the task to learn, the knowledge to keep, the knowledge that calibrates KPM --------
-task = vqa_skill(cfg["task"], cfg["task_train_rows"], cfg["task_eval_rows"], seed=cfg["seed"])
-vqa = easy_vqa(seed=cfg["seed"])
-vqa_held_out = sample(vqa["eval"], cfg["vqa_questions"])
-capitals = knowledge_qa(fields=("capital",), seed=cfg["seed"])
-held_out = capitals["eval"].shuffle(seed=cfg["seed"]).select(range(min(cfg["capital_questions"], len(capitals["eval"]))))
-shots = knowledge_shots(cfg["capital_shots"], "capital", seed=cfg["seed"])
-known = knowledge_calibration_texts(cfg["calib_samples"], seed=cfg["seed"])
-calib_rows = sample(vqa["train"] if cfg["mode"] == "kpm" else task["train"], cfg["calib_samples"])
+task = vqa_skill(cfg.task, cfg.task_train_rows, cfg.task_eval_rows, seed=cfg.seed)
+vqa = easy_vqa(seed=cfg.seed)
+vqa_held_out = sample(vqa["eval"], cfg.vqa_questions)
+capitals = knowledge_qa(fields=("capital",), seed=cfg.seed)
+held_out = capitals["eval"].shuffle(seed=cfg.seed).select(range(min(cfg.capital_questions, len(capitals["eval"]))))
+shots = knowledge_shots(cfg.capital_shots, "capital", seed=cfg.seed)
+known = knowledge_calibration_texts(cfg.calib_samples, seed=cfg.seed)
+calib_rows = sample(vqa["train"] if cfg.mode == "kpm" else task["train"], cfg.calib_samples)
 
 
 def image_batches(rows, size):
@@ -88,24 +90,24 @@ def image_batches(rows, size):
 
 def calibration_batches():
     """KPM: easy-VQA Q&A with images, then text-only capital Q&A / fact paragraphs; IPM: task rows."""
-    batches = image_batches(calib_rows, cfg["calib_batch_size"])
-    if cfg["mode"] == "kpm":
+    batches = image_batches(calib_rows, cfg.calib_batch_size)
+    if cfg.mode == "kpm":
         with padding_side(tokenizer, "right"):
-            batches += padded_batches(tokenizer, known, batch_size=cfg["calib_batch_size"])
+            batches += padded_batches(tokenizer, known, batch_size=cfg.calib_batch_size)
     return batches
 
 
 def evaluate(m):
     """{benchmark: (metric, value)}: the task and each retention benchmark."""
     def accuracy(rows):
-        return vqa_accuracy(m, processor, rows, template=template, max_new_tokens=cfg["vqa_new_tokens"],
-                            batch_size=cfg["eval_batch_size"], progress=False)["vqa_accuracy"]
+        return vqa_accuracy(m, processor, rows, template=template, max_new_tokens=cfg.vqa_new_tokens,
+                            batch_size=cfg.eval_batch_size, progress=False)["vqa_accuracy"]
 
-    scores = {cfg["task"]: ("accuracy", accuracy(task["eval"]))}
-    if "easy_vqa" in cfg["retention"]:
+    scores = {cfg.task: ("accuracy", accuracy(task["eval"]))}
+    if "easy_vqa" in cfg.retention:
         scores["easy_vqa"] = ("accuracy", accuracy(vqa_held_out))
-    if "capitals" in cfg["retention"]:
-        em = qa_exact_match(m, tokenizer, held_out, shots=shots, batch_size=cfg["eval_batch_size"], progress=False)
+    if "capitals" in cfg.retention:
+        em = qa_exact_match(m, tokenizer, held_out, shots=shots, batch_size=cfg.eval_batch_size, progress=False)
         scores["capitals"] = ("em", em["exact_match"])
     return scores
 
@@ -117,12 +119,12 @@ def loss_fn(m, rows):
 
 
 # --- calibrate once (the modules the methods adapt); every CorDA method reads the same store ----
-groups = "+".join(cfg["groups"] or ["language"])
-store, calib_s = calibrated_store(out_dir / f"covariances_{cfg['mode']}_{groups}.safetensors", model,
+groups = "+".join(cfg.groups or ["language"])
+store, calib_s = calibrated_store(out_dir / f"covariances_{cfg.mode}_{groups}.safetensors", model,
                                   calibration_batches, resume=args.resume, cfg=cfg)
 if store is not None:
-    print(f"calibrated ({cfg['mode']}) on {len(calib_rows)} image rows"
-          f"{f' + {len(known)} texts' if cfg['mode'] == 'kpm' else ''} in {calib_s:.1f} s: "
+    print(f"calibrated ({cfg.mode}) on {len(calib_rows)} image rows"
+          f"{f' + {len(known)} texts' if cfg.mode == 'kpm' else ''} in {calib_s:.1f} s: "
           f"{len(store.modules)} modules, sources {', '.join(store.sources)}")
 
 if args.dry_run:
@@ -132,5 +134,5 @@ if args.dry_run:
 # --- evaluate the base once, then each method from a fresh copy --------------------------------
 before = base_scores(evaluate, model, out_dir, resume=args.resume)
 del model  # each method loads a fresh copy
-recipe = Recipe("llava_kpm", cfg, load_model, task["train"], loss_fn, evaluate, cfg["task"], save_with=processor)
+recipe = Recipe(cfg.recipe, cfg, load_model, task["train"], loss_fn, evaluate, cfg.task, save_with=processor)
 compare_methods(recipe, store, before, out_dir, calibrate_seconds=calib_s, resume=args.resume)

@@ -1,5 +1,6 @@
-"""What the retention recipes (``recipes/*_kpm.py``) share: their YAML configs and flags, the
-calibration cache, and one method's run from build to report rows.
+"""What the retention recipes (``recipes/*_kpm.py``) share: their flags (the fields of their typed
+config, ``corda_vl.lab.recipe_config``), the calibration cache, and one method's run from build to
+report rows.
 
 A recipe owns what differs per model family (model loader, task and retention data, the loss,
 the evaluators, the calibration batches); this module owns the order of the steps, so every
@@ -19,133 +20,66 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
-
-import yaml
+from typing import Any, Callable, Sequence, TypeVar
 
 from corda_vl.adapters import build_corda, build_record
 from corda_vl.atomic import atomic_dir, atomic_file
-from corda_vl.config import CordaConfig
-from corda_vl.methods import get_method, method_names
+from corda_vl.methods import get_method
 from corda_vl.calibration.store import CovarianceStore
 from corda_vl.scaleout.distributed import init_from_launcher, is_main_process, on_main, process_device
-from corda_vl.errors import CordaError
 from corda_vl.lab.interpolation import adapter_scale, initial_factors
 from corda_vl.lab.report import Run, Score, run_from_dict, run_to_dict
-from corda_vl.lab.resources import merge_overrides
+from corda_vl.lab.recipe_config import RecipeConfig, add_flags, flag_values
 from corda_vl.saving import export_lora, save_corda
-from corda_vl.lab.training import TrainConfig, train, trainable_parameters
+from corda_vl.lab.training import train, trainable_parameters
 
+C = TypeVar("C", bound=RecipeConfig)
 Scores = dict[str, tuple[str, float]]
 """{benchmark: (metric, value)} as a recipe's evaluate(model) returns it; the task is one entry."""
 
-# flag -> (config key, type, help). Every flag defaults to None: "keep the YAML's value".
-FLAGS = {
-    "--model": ("model", str, "model name or path (default: the embedded model)"),
-    "--method": ("methods", str, "one of lora, pissa, corda, corda++ (milora also works)"),
-    "--methods": ("methods", str, "several, comma-separated, compared in one run (e.g. lora,corda,corda++)"),
-    "--mode": ("mode", str, "kpm (calibrate on what to keep) or ipm (calibrate on the task)"),
-    "--rank": ("rank", int, "adapter rank of every targeted module"),
-    "--budget": ("budget", int, "corda++: trainable-parameter budget (default: that of uniform --rank)"),
-    "--groups": ("groups", str, "comma-separated module groups to adapt, e.g. vision,projector,language"),
-    "--task": ("task", str, "the task to learn"),
-    "--retention": ("retention", str, "comma-separated retention benchmarks"),
-    "--calib-samples": ("calib_samples", int, "calibration rows (KPM: knowledge to keep; IPM: task rows)"),
-    "--steps": ("steps", int, "optimiser steps"),
-    "--lr": ("lr", float, "peak learning rate"),
-    "--seed": ("seed", int, "seeds data order, generated data and the LoRA init"),
-    "--output-dir": ("output_dir", str, "where results, adapters and checkpoints go"),
-    "--threads": ("threads", int, "torch CPU threads (default: the config's, else torch's own)"),
-}
-LIST_KEYS = ("methods", "groups", "retention")
 
-
-def parse_recipe(doc: str, config_path: str | Path, argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, dict]:
-    """Flags of every recipe; returns (args, config) with the YAML's values overridden by the flags
-    given (and by the YAML's ``smoke:`` section first, under ``--smoke``)."""
+def parse_recipe(doc: str, config_path: str | Path, argv: Sequence[str] | None = None, *,
+                 config_type: type[C] = RecipeConfig) -> tuple[argparse.Namespace, C]:
+    """Flags of every recipe; returns (args, config): the YAML as a ``config_type``, with the
+    ``smoke:`` section merged in under ``--smoke`` and the flags given on top. There is a flag per
+    config field (``--calib-samples``), plus ``--method`` for ``--methods``."""
     rank, _ = init_from_launcher()  # accelerate launch / torchrun: join the process group first
     if rank != 0:  # one copy of the printed progress: the main process's
         sys.stdout = open(os.devnull, "w")
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(config_path), help="YAML config (default: %(default)s)")
-    for flag, (_, kind, text) in FLAGS.items():
-        parser.add_argument(flag, type=kind, default=None, help=text)
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
-    parser.add_argument("--dry-run", action="store_true", help="print what each method would adapt, then exit")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (for CI)")
-    parser.add_argument("--scale-sweep", action="store_true", help="also evaluate the trained adapter at scales 0..1")
+    run = parser.add_argument_group("run")
+    run.add_argument("--config", default=str(config_path), help="YAML config (default: %(default)s)")
+    run.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (for CI): the YAML's smoke: section")
+    run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    run.add_argument("--dry-run", action="store_true", help="print what each method would adapt, then exit")
+    add_flags(parser, config_type)
     args = parser.parse_args(argv)
-    overrides = {}
-    for flag, (key, _, _) in FLAGS.items():  # --method and --methods both set "methods"
-        if getattr(args, flag[2:].replace("-", "_")) is not None:
-            overrides[key] = getattr(args, flag[2:].replace("-", "_"))
-    for key in LIST_KEYS:
-        if isinstance(overrides.get(key), str):
-            overrides[key] = [item.strip() for item in overrides[key].split(",") if item.strip()]
-    if args.scale_sweep:
-        overrides["scale_sweep"] = True
-    cfg = load_recipe_config(args.config, smoke=args.smoke, overrides=overrides)
-    if cfg.get("threads"):
+    cfg = config_type.from_yaml(args.config, smoke=args.smoke, overrides=flag_values(args, config_type))
+    if cfg.threads:
         # Small models on few cores: one thread avoids OpenMP spin-waits that, on a busy 2-core
         # machine, made training steps 30x slower than with one thread.
         import torch
 
-        torch.set_num_threads(cfg["threads"])
+        torch.set_num_threads(cfg.threads)
     return args, cfg
-
-
-def load_recipe_config(path: str | Path, *, smoke: bool = False, overrides: dict | None = None) -> dict:
-    """A recipe's YAML (minus its ``smoke:`` section), with that section merged in under ``smoke``
-    and then ``overrides`` on top; checks the methods."""
-    cfg = yaml.safe_load(Path(path).read_text())
-    smoke_part = cfg.pop("smoke", {}) or {}
-    if smoke:
-        cfg = merge_overrides(cfg, smoke_part)
-    cfg = merge_overrides(cfg, overrides or {})
-    unknown = [m for m in cfg["methods"] if m not in method_names()]
-    if unknown:
-        raise CordaError(f"unknown method(s) {unknown}; choose from {method_names()} (--methods lora,corda,corda++).")
-    if cfg.get("mode") not in ("kpm", "ipm"):
-        raise CordaError(f"mode must be kpm or ipm, got {cfg.get('mode')!r}.")
-    return cfg
 
 
 def _needs_store(method: str) -> bool:
     return get_method(method).needs_store
 
 
-def recipe_device(cfg: dict) -> str:
+def recipe_device(cfg: RecipeConfig) -> str:
     """The config's ``device``; "auto" (the default) is cuda when a GPU is visible, else cpu."""
     import torch
 
-    device = cfg.get("device", "auto")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     return str(process_device(device))  # several GPU processes: each its own GPU
 
 
-def train_config(cfg: dict) -> TrainConfig:
-    """The TrainConfig fields present in the recipe config (steps, lr, batch_size, ...)."""
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in cfg.items() if k in names})
-
-
-def corda_config(cfg: dict, method: str) -> CordaConfig:
-    """The CordaConfig of ``method`` under a recipe config: same targets, rank and scaling for all."""
-    kwargs = dict(method=method, r=cfg["rank"], alpha=cfg.get("alpha"), groups=cfg.get("groups"),
-                  target_modules=cfg.get("target_modules"), exclude_modules=cfg.get("exclude_modules"),
-                  group_ranks=cfg.get("group_ranks") or {})
-    kwargs.update(cfg.get("corda") or {})  # e.g. covariance_normalization, damping
-    if _needs_store(method):
-        kwargs["mode"] = cfg["mode"]
-    if method == "corda++":
-        kwargs.update(budget=cfg.get("budget"), **(cfg.get("cordapp") or {}))
-    return CordaConfig(**kwargs)
-
-
-def calibrated_store(path: Path, model, make_batches: Callable[[], Any], *, resume: bool, cfg: dict | None = None,
-                     **kwargs) -> tuple[CovarianceStore | None, float]:
+def calibrated_store(path: Path, model, make_batches: Callable[[], Any], *, resume: bool,
+                     cfg: RecipeConfig | None = None, **kwargs) -> tuple[CovarianceStore | None, float]:
     """(store, seconds): collect_covariances over ``make_batches()``, saved to ``path``; with
     ``resume`` an existing file is loaded instead (refused if it belongs to another model).
     ``cfg`` (a recipe config) limits the hooks to the modules the methods adapt (its groups,
@@ -154,12 +88,12 @@ def calibrated_store(path: Path, model, make_batches: Callable[[], Any], *, resu
     is calibrated and the store is None."""
     from corda_vl.calibration.loop import collect_covariances
 
-    if cfg is not None and not any(_needs_store(m) for m in cfg["methods"]):
+    if cfg is not None and not any(_needs_store(m) for m in cfg.methods):
         return None, 0.0
     if cfg is not None:
-        defaults = {"groups": cfg.get("groups"), "targets": cfg.get("target_modules"),
-                    "exclude": cfg.get("exclude_modules"), "splits": cfg.get("calib_splits", 1),
-                    "sample_scale": cfg.get("calib_sample_scale", "none")}
+        defaults = {"groups": cfg.groups, "target_modules": cfg.target_modules,
+                    "exclude_modules": cfg.exclude_modules, "splits": cfg.calib_splits,
+                    "sample_scale": cfg.calib_sample_scale}
         kwargs = {**defaults, **kwargs}
     if resume and path.is_file():
         return CovarianceStore.load(path, model=model), 0.0
@@ -193,7 +127,7 @@ class Recipe:
     evaluate it. ``evaluate(model)`` returns Scores; ``task`` names the entry that is the task."""
 
     name: str
-    cfg: dict
+    cfg: RecipeConfig
     load_model: Callable[[], Any]
     rows: Sequence[Any]
     loss_fn: Callable[[Any, list[Any]], Any]
@@ -209,8 +143,8 @@ def _run(recipe: Recipe, method: str, trainable: int, budget: int | None, before
         return Score(metric, before[name][1], value)
 
     cfg = recipe.cfg
-    return Run(method=method, mode=cfg["mode"] if _needs_store(method) else None,
-               rank=None if budget is not None else cfg["rank"], budget=budget, trainable_params=trainable,
+    return Run(method=method, mode=cfg.mode if _needs_store(method) else None,
+               rank=None if budget is not None else cfg.rank, budget=budget, trainable_params=trainable,
                task_name=recipe.task, task=score(recipe.task),
                retention={k: score(k) for k in after if k != recipe.task}, seconds=seconds, scale=scale)
 
@@ -229,11 +163,11 @@ def run_method(recipe: Recipe, method: str, store: CovarianceStore | None, befor
         return [run_from_dict(d) for d in json.loads(done.read_text())]
     import torch
 
-    torch.manual_seed(cfg["seed"])  # lora's random A
+    torch.manual_seed(cfg.seed)  # lora's random A
     seconds = {"calibrate": calibrate_seconds} if _needs_store(method) else {}
     t0 = time.perf_counter()
     peft_model = build_corda(recipe.load_model(), store if _needs_store(method) else None,
-                             corda_config(cfg, method), progress=progress)
+                             cfg.corda_config(method), progress=progress)
     seconds["build"] = time.perf_counter() - t0
     # several processes: all build and train; the main one evaluates and writes (on_main)
     on_main(lambda: save_corda(peft_model, out / "init", tokenizer=recipe.save_with, overwrite=True))
@@ -241,8 +175,8 @@ def run_method(recipe: Recipe, method: str, store: CovarianceStore | None, befor
     record = build_record(peft_model)
     budget = record.budget["budget"] if record is not None and record.budget else None
     trainable = sum(p.numel() for p in trainable_parameters(peft_model).values())
-    fingerprint = {"method": method, "rank": cfg["rank"], "budget": budget, "trainable": trainable}
-    result = train(peft_model, recipe.rows, recipe.loss_fn, train_config(cfg), out, resume=resume,
+    fingerprint = {"method": method, "rank": cfg.rank, "budget": budget, "trainable": trainable}
+    result = train(peft_model, recipe.rows, recipe.loss_fn, cfg.train_config(), out, resume=resume,
                    fingerprint=fingerprint, progress=progress)
     seconds["train"] = result.seconds
     t0 = time.perf_counter()
@@ -255,7 +189,7 @@ def run_method(recipe: Recipe, method: str, store: CovarianceStore | None, befor
 
     on_main(save_trained)
     runs = [_run(recipe, method, trainable, budget, before, after, seconds)]
-    for t in cfg.get("scales", []) if cfg.get("scale_sweep") else []:
+    for t in cfg.scales if cfg.scale_sweep else []:
         with adapter_scale(peft_model, initial, t):
             scores = on_main(lambda: recipe.evaluate(peft_model))
         runs.append(_run(recipe, method, trainable, budget, before, scores, {}, scale=t))
@@ -267,12 +201,12 @@ def run_method(recipe: Recipe, method: str, store: CovarianceStore | None, befor
     return runs
 
 
-def print_plans(model, cfg: dict, store: CovarianceStore | None) -> None:
+def print_plans(model, cfg: RecipeConfig, store: CovarianceStore | None) -> None:
     """--dry-run: what each method would adapt (module, rank, covariance), nothing built."""
     from corda_vl.plan import plan
 
-    for method in cfg["methods"]:
-        print(f"\n== {method} ==\n{plan(model, corda_config(cfg, method), store)}")
+    for method in cfg.methods:
+        print(f"\n== {method} ==\n{plan(model, cfg.corda_config(method), store)}")
 
 
 def base_scores(evaluate: Callable[[Any], Scores], model, out_dir: Path, *, resume: bool) -> Scores:
@@ -286,9 +220,10 @@ def base_scores(evaluate: Callable[[Any], Scores], model, out_dir: Path, *, resu
 
 def compare_methods(recipe: Recipe, store: CovarianceStore | None, before: Scores, out_dir: Path, *,
                     calibrate_seconds: float = 0.0, resume: bool = False) -> list[Run]:
-    """:func:`run_method` for every method of the config, then the report and a printed table."""
+    """:func:`run_method` for every method of the config, then the report, config.json (the
+    settings behind its numbers) and a printed table."""
     runs = []
-    for method in recipe.cfg["methods"]:
+    for method in recipe.cfg.methods:
         print(f"\n== {method} ==")
         new = run_method(recipe, method, store, before, out_dir, calibrate_seconds=calibrate_seconds, resume=resume)
         print(", ".join(f"{stage} {s:.0f} s" for stage, s in new[0].seconds.items()))
@@ -297,7 +232,10 @@ def compare_methods(recipe: Recipe, store: CovarianceStore | None, before: Score
 
     if not is_main_process():
         return runs
-    paths = write_report(out_dir, recipe.name, recipe.cfg["model"], runs)
+    paths = write_report(out_dir, recipe.name, recipe.cfg.model, runs)
+    paths["config"] = Path(out_dir) / "config.json"
+    with atomic_file(paths["config"]) as tmp:
+        tmp.write_text(json.dumps(recipe.cfg.to_dict(), indent=2) + "\n")
     print("\n" + results_table(runs))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}; adapters under {out_dir}/<method>/")
     return runs

@@ -1,5 +1,5 @@
-"""Recipe plumbing: YAML + smoke section + flags, the CordaConfig of each method, and one
-method's run from build to report rows (on a tiny LLaMA, seconds)."""
+"""Recipe plumbing: YAML + smoke section + flags into the typed config, the CordaConfig of each
+method, and one method's run from build to report rows (on a tiny LLaMA, seconds)."""
 
 import json
 
@@ -10,7 +10,8 @@ from peft import PeftModel
 from transformers import LlamaForCausalLM
 
 from corda_vl import CordaError, collect_covariances, load_results, write_report
-from corda_vl.lab.experiment import Recipe, corda_config, parse_recipe, results_table, run_method, train_config
+from corda_vl.lab.experiment import Recipe, parse_recipe, results_table, run_method
+from corda_vl.lab.recipe_config import RecipeConfig
 
 YAML = """
 recipe: demo
@@ -21,10 +22,14 @@ rank: 4
 budget: null
 target_modules: [q_proj, down_proj]
 corda: {covariance_normalization: none}
+task: t
+task_train_rows: 8
+task_eval_rows: 4
+retention: [a, b]
 steps: 10
 lr: 0.01
 seed: 0
-retention: [a, b]
+output_dir: out/demo
 smoke:
   rank: 2
   steps: 2
@@ -40,13 +45,14 @@ def config_file(tmp_path):
 
 def test_flags_override_the_smoke_section_which_overrides_the_yaml(config_file):
     _, cfg = parse_recipe("doc", config_file, [])
-    assert cfg["rank"] == 4 and cfg["steps"] == 10 and cfg["methods"] == ["lora", "corda"]
+    assert isinstance(cfg, RecipeConfig)
+    assert cfg.rank == 4 and cfg.steps == 10 and cfg.methods == ["lora", "corda"] and cfg.scale_sweep is False
     args, cfg = parse_recipe("doc", config_file, ["--smoke", "--steps", "3", "--methods", "corda, corda++",
                                                   "--retention", "a", "--scale-sweep", "--resume"])
-    assert (cfg["rank"], cfg["steps"], cfg["methods"], cfg["retention"]) == (2, 3, ["corda", "corda++"], ["a"])
-    assert cfg["scale_sweep"] and args.resume and args.smoke and not args.dry_run
+    assert (cfg.rank, cfg.steps, cfg.methods, cfg.retention) == (2, 3, ["corda", "corda++"], ["a"])
+    assert cfg.scale_sweep is True and args.resume and args.smoke and not args.dry_run
     _, cfg = parse_recipe("doc", config_file, ["--method", "pissa", "--lr", "0.5", "--mode", "ipm"])
-    assert cfg["methods"] == ["pissa"] and cfg["lr"] == 0.5 and cfg["mode"] == "ipm"
+    assert cfg.methods == ["pissa"] and cfg.lr == 0.5 and cfg.mode == "ipm"
 
 
 def test_bad_methods_and_modes_are_refused(config_file):
@@ -58,11 +64,14 @@ def test_bad_methods_and_modes_are_refused(config_file):
 
 def test_every_method_gets_the_same_targets_rank_and_scaling(config_file):
     _, cfg = parse_recipe("doc", config_file, ["--budget", "5000"])
-    configs = {m: corda_config(cfg, m) for m in ("lora", "pissa", "corda", "corda++")}
+    configs = {m: cfg.corda_config(m) for m in ("lora", "pissa", "corda", "corda++")}
     assert {(c.r, c.alpha, tuple(c.target_modules)) for c in configs.values()} == {(4, None, ("q_proj", "down_proj"))}
     assert configs["corda++"].budget == 5000 and configs["corda"].budget is None
     assert configs["corda"].covariance_normalization == "none"
-    assert train_config(cfg).steps == 10 and train_config(cfg).lr == 0.01
+    assert configs["lora"].mode == "kpm" and cfg.corda_config("corda").mode == "kpm"
+    _, ipm = parse_recipe("doc", config_file, ["--mode", "ipm"])
+    assert ipm.corda_config("corda").mode == "ipm" and ipm.corda_config("lora").mode == "kpm"  # lora: no covariance
+    assert cfg.train_config().steps == 10 and cfg.train_config().lr == 0.01
 
 
 ROWS = [torch.randint(0, VOCAB, (10,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
@@ -83,9 +92,11 @@ def evaluate(model):
 
 
 def recipe(**overrides):
-    cfg = {"mode": "kpm", "rank": 2, "target_modules": ["q_proj", "v_proj"], "seed": 0, "steps": 4, "batch_size": 2,
-           "lr": 0.05, "warmup_steps": 1, "checkpoint_every": 2, "mixed_precision": "no", "scale_sweep": True,
-           "scales": [0.0, 1.0], **overrides}
+    settings = dict(recipe="demo", model="tiny", task="fit", task_train_rows=len(ROWS), task_eval_rows=len(ROWS),
+                    retention=["text"], output_dir="unused", mode="kpm", rank=2, target_modules=["q_proj", "v_proj"],
+                    seed=0, steps=4, batch_size=2, lr=0.05, warmup_steps=1, checkpoint_every=2, mixed_precision="no",
+                    scale_sweep=True, scales=[0.0, 1.0])
+    cfg = RecipeConfig(**{**settings, **overrides})
     return Recipe("demo", cfg, tiny_llama, ROWS, loss_fn, evaluate, "fit")
 
 

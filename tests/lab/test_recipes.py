@@ -67,6 +67,9 @@ def test_retention_recipe_smoke_writes_report_adapters_and_sweep(tmp_path, name)
         at0 = next(r for r in runs if r.method == run.method and r.scale == 0.0)
         assert at0.task.after == pytest.approx(run.task.before, abs=1e-3)  # scale 0 is the base model
     assert "corda++" in stdout and "trainable" in stdout
+    settings = json.loads((tmp_path / "config.json").read_text())  # the typed config behind the numbers
+    assert (settings["recipe"], settings["methods"], settings["output_dir"]) == (name, [r.method for r in plain], str(tmp_path))
+    assert settings["scale_sweep"] is True and settings["rank"] == 2 and settings["steps"] == 4  # flags, then smoke
     assert run_recipe(name, tmp_path / "dry", "--dry-run").count("==") >= 2  # a plan per method, nothing trained
     assert not (tmp_path / "dry" / "results.json").exists()
 
