@@ -58,10 +58,12 @@ class _Alias(importlib.abc.Loader):
         self.target = target
 
     def create_module(self, spec):
-        return importlib.import_module(self.target)
+        module = importlib.import_module(self.target)
+        self.spec = module.__spec__  # importlib sets the alias's spec on the module; put its own back
+        return module
 
     def exec_module(self, module) -> None:
-        pass  # already executed under its new name
+        module.__spec__ = self.spec  # already executed under its new name
 
 
 class _MovedModuleFinder(importlib.abc.MetaPathFinder):

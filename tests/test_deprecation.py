@@ -68,3 +68,25 @@ def test_method_tuples_and_decompose_targets_come_from_the_registry():
     name = targets[0].name
     assert torch.equal(built.get_base_model().get_submodule(name).lora_A["default"].weight, factors[name][0])
     assert info[name]["rank"] == 4
+
+
+def test_an_aliased_module_keeps_its_own_spec():
+    sys.modules.pop("corda_vl.covariance", None)
+    with pytest.warns(DeprecationWarning):
+        importlib.import_module("corda_vl.covariance")
+    store = importlib.import_module("corda_vl.calibration.store")
+    assert store.__spec__.name == "corda_vl.calibration.store"
+    assert importlib.reload(store) is store
+
+
+def test_the_0_1_names_of_moved_helpers_resolve():
+    from corda_vl.adapters import decompose_targets
+    from corda_vl.adapters.build import decompose_targets as new
+
+    assert decompose_targets is new
+    sys.modules.pop("corda_vl.sequential", None)
+    with pytest.warns(DeprecationWarning):
+        from corda_vl.sequential import blocks_of
+    from corda_vl.scaleout.blocks import blocks_of as moved
+
+    assert blocks_of is moved

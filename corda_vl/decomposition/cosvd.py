@@ -379,10 +379,16 @@ class Components:
         return Components(self.U[:, keep], self.S[keep], self.VhCinv[keep])
 
 
+def _owned(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in storage of its own: a slice of a full SVD's U would otherwise keep all of U alive."""
+    return x.clone() if x.untyped_storage().nbytes() > x.nbytes else x
+
+
 def components(triplets: CoSVD, cov: DampedCovariance) -> Components:
-    if triplets.VhCinv is not None:
-        return Components(triplets.U, triplets.S, triplets.VhCinv)
-    return Components(triplets.U, triplets.S, cov.solve(triplets.Vh.T).T)  # V^T C'^{-1}, C' symmetric
+    """The kept components in tensors of their own (CorDA++ holds them for every layer until the
+    ranks are allocated, so they must not pin the decomposition's work arrays)."""
+    vh_cinv = triplets.VhCinv if triplets.VhCinv is not None else cov.solve(triplets.Vh.T).T  # C' symmetric
+    return Components(_owned(triplets.U), _owned(triplets.S), _owned(vh_cinv))
 
 
 def factors_from(parts: Components, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:

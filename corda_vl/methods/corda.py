@@ -36,6 +36,8 @@ class Corda(Method):
 
     def covariance_label(self, family: Family, target: Target, store: CovarianceStore | None,
                          source: str | None, config: CordaConfig) -> str:
+        if not self.needs_store:
+            return "identity (data-free)"
         label = describe_covariance(family, target, store, source)
         return f"{config.mode_for(target.group)}: {label}" if config.group_modes else label
 
@@ -50,6 +52,8 @@ class Corda(Method):
         def work(key: str, members: list[Target]) -> None:
             self._decompose_input(key, members, store, config, source, factors, info)
 
+        if not self.needs_store:  # data-free variants decompose W against the identity
+            store, source = None, None
         for_each_input(targets, store, work, desc=f"decomposing ({self.name})", progress=progress)
         factors, info = share_results(factors, info)
         return {name: (factors[name], info[name]) for name in info}

@@ -4,17 +4,14 @@ It is CorDA's KPM with the identity in place of the covariance, so it reuses Cor
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from corda_vl.errors import CordaError
 from corda_vl.methods.base import register_method
 from corda_vl.methods.corda import Corda
 
 if TYPE_CHECKING:
-    from corda_vl.calibration.store import CovarianceStore
     from corda_vl.config import CordaConfig
-    from corda_vl.families.base import Family
-    from corda_vl.targets import Target
 
 
 class Milora(Corda):
@@ -29,14 +26,6 @@ class Milora(Corda):
 
     def mode(self, config: CordaConfig, group: str) -> str:
         return "kpm"
-
-    def covariance_label(self, family: Family, target: Target, store: CovarianceStore | None,
-                         source: str | None, config: CordaConfig) -> str:
-        return "identity (data-free)"
-
-    def analyse(self, targets: list[Target], store: CovarianceStore | None, config: CordaConfig,
-                source: str | None, progress: bool) -> dict[str, Any]:
-        return super().analyse(targets, None, config, None, progress)
 
 
 MILORA = register_method(Milora())

@@ -38,7 +38,7 @@ from corda_vl.errors import CalibrationError, CordaError
 from corda_vl.families import detect_family
 from corda_vl.families.base import Family, batch_to_device
 from corda_vl.methods import get_method
-from corda_vl.scaleout.blocks import block_stack
+from corda_vl.scaleout.blocks import block_stack, blocks_of  # noqa: F401 - blocks_of: the 0.1 path, until 0.3
 from corda_vl.scaleout.distributed import agreed, all_reduce_store, gather_objects, is_main_process, world
 from corda_vl.scaleout.memory import plan_memory
 from corda_vl.targets import Target, resolve_targets

@@ -308,3 +308,18 @@ def test_ipm_randomised_basis_that_has_not_converged_gives_way_to_the_eigendecom
     fast, full = co_svd(W, cov, 32, "ipm", spectrum=False), co_svd(W, cov, 32, "ipm", svd="full")
     assert fast.total is None and fast.singular_values.shape[0] == 200  # the whole spectrum: eigh
     assert fast.context_share == pytest.approx(full.context_share, rel=1e-6)
+
+
+@pytest.mark.parametrize("svd", ["full", "auto"])
+@pytest.mark.parametrize("mode", ["kpm", "ipm"])
+def test_kept_components_hold_only_their_own_bytes(svd, mode):
+    """CorDA++ keeps these for every layer until allocation: they must not pin the full U."""
+    from corda_vl.decomposition.cosvd import components
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(96, 64, generator=g), torch.randn(512, 64, generator=g)
+    cov = damp_covariance(x.T @ x / 512, (1e-4,))
+    parts = components(co_svd(w, cov, 8, mode, svd), cov)
+    for tensor in (parts.U, parts.S, parts.VhCinv):
+        assert tensor.untyped_storage().nbytes() == tensor.nbytes
+    assert parts.U.shape == (96, 8) and parts.VhCinv.shape == (8, 64)

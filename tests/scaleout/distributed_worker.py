@@ -64,6 +64,10 @@ def main(out: Path, reference: Path) -> None:
     # here (its input has rank 16 < 32), so any rounding rotates them and a tolerance means nothing
     sequential = build_corda_sequential(tiny_llama(), text_batches(5), CordaConfig(r=4, mode="ipm"), progress=False)
     save_file(adapter_tensors(sequential), str(here / "sequential.safetensors"))
+    # corda++ block by block: per-block analysis gathered on every rank, one allocation at the end
+    cordapp = CordaConfig(method="corda++", r=4, mode="ipm")
+    sequential = build_corda_sequential(tiny_llama(), text_batches(5), cordapp, progress=False)
+    save_file(adapter_tensors(sequential), str(here / "sequential_cordapp.safetensors"))
 
     batches = text_batches(4)
     if rank == 1:

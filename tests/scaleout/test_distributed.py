@@ -77,9 +77,11 @@ def test_sharded_decomposition_is_bit_identical_on_every_rank_and_to_one_process
             assert torch.equal(got[name], tensor), (rank, name)
 
 
-def test_sequential_build_under_two_ranks_matches_one_process(runs):
-    one = load_file(str(runs / "one" / "rank0" / "sequential.safetensors"))
-    ranks = [load_file(str(runs / "two" / f"rank{r}" / "sequential.safetensors")) for r in (0, 1)]
+@pytest.mark.parametrize("build", ["sequential", "sequential_cordapp"])
+def test_sequential_build_under_two_ranks_matches_one_process(runs, build):
+    one = load_file(str(runs / "one" / "rank0" / f"{build}.safetensors"))
+    ranks = [load_file(str(runs / "two" / f"rank{r}" / f"{build}.safetensors")) for r in (0, 1)]
+    assert ranks[0].keys() == one.keys() and all(ranks[0][n].shape == one[n].shape for n in one)  # same ranks
     for name, tensor in one.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), name
     # each block's store was summed in another order, which may flip the sign of a singular pair:
