@@ -115,9 +115,9 @@ def collect_covariances(
     if unreached:
         warnings.warn(f"{len(unreached)} target modules were never called during calibration (first: "
                       f"{unreached[0]!r}); they get no covariance. Calibrate them with data that "
-                      f"reaches them, or leave them out of the targets.", stacklevel=2)
+                      f"reaches them, or leave them out of the targets.", stacklevel=3)  # past renamed_arguments
     store.fingerprint = model_fingerprint(model, list(store.inputs))
-    warn_small(store, {t.name: t.d_in for t in resolved})
+    warn_small(store, {t.name: t.d_in for t in resolved}, stacklevel=4)
     return store
 
 
@@ -173,8 +173,9 @@ def _run_batches(model: nn.Module, family: Family, batches: Iterable[Any], colle
         model.train(was_training)
 
 
-def warn_small(store: CovarianceStore, d_in: dict[str, int]) -> None:
-    """One warning for every covariance that saw fewer tokens than its input width."""
+def warn_small(store: CovarianceStore, d_in: dict[str, int], stacklevel: int = 3) -> None:
+    """One warning for every covariance that saw fewer tokens than its input width, attributed
+    ``stacklevel`` frames up (3: the caller of the function that calls this)."""
     small = [(d_in[key] - n, key, source, n) for (key, source), n in store.counts.items() if n < d_in[key]]
     if not small:
         return
@@ -184,5 +185,5 @@ def warn_small(store: CovarianceStore, d_in: dict[str, int]) -> None:
         f"(and modules sharing its input): only {n} calibration tokens for d_in={d_in[key]} ({source}). "
         f"Those covariances are rank-deficient and damping will dominate them; calibrate on at least "
         f"{max(d_in[k] for _, k, _, _ in small)} tokens.",
-        stacklevel=3,  # warn_small -> collect_covariances -> caller
+        stacklevel=stacklevel,
     )

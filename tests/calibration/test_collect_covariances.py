@@ -132,8 +132,22 @@ def test_nan_activations_name_the_module_and_remove_hooks(llama, batches):
 def test_few_tokens_warn_with_count_and_d_in():
     model = tiny_llama()
     short = [{"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}]
-    with pytest.warns(UserWarning, match=r"8 covariance\(s\).*only 3 calibration tokens for d_in=48.*at least 48"):
+    with pytest.warns(UserWarning, match=r"8 covariance\(s\).*only 3 calibration tokens for d_in=48.*at least 48") as seen:
         collect_covariances(model, short, progress=False)
+    assert {w.filename for w in seen} == {__file__}  # attributed to the caller, not to corda_vl's frames
+
+
+def test_unreached_targets_warn_at_the_caller():
+    import dataclasses
+
+    from corda_vl.families import detect_family
+
+    model = tiny_llama()
+    decoder_only = dataclasses.replace(detect_family(model), forward=lambda m, batch: m.model(**batch))  # no lm_head
+    with pytest.warns(UserWarning, match="never called during calibration") as seen:
+        collect_covariances(model, [{"input_ids": torch.tensor([[5, 6, 7] * 20])}], groups=["language", "head"],
+                            stop_early=False, progress=False, family=decoder_only)
+    assert __file__ in {w.filename for w in seen if "never called" in str(w.message)}
 
 
 def test_empty_calibration_is_an_error(llama):
