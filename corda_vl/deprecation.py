@@ -85,6 +85,13 @@ def lab_attribute(name: str) -> Any:
     return getattr(importlib.import_module(LAB_NAMES[name]), name)
 
 
+def renamed(module: str, old: str, new: str, value: Any) -> Any:
+    """``value`` for a module-level name that was renamed, with a warning (module ``__getattr__``)."""
+    warnings.warn(f"{module}.{old} is now {new}; the old name goes in corda_vl 0.3.", DeprecationWarning,
+                  stacklevel=3)
+    return value
+
+
 def lab_function(old: str, name: str) -> Any:
     """The lab function that replaced a core method (``Plan.plot`` -> ``plot_ranks``), with a warning."""
     warnings.warn(f"{old} moved to {LAB_NAMES[name]}.{name}; the old name goes in corda_vl 0.3.",

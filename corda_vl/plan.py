@@ -17,7 +17,7 @@ from corda_vl.config import CordaConfig
 from corda_vl.deprecation import lab_function
 from corda_vl.methods import get_method
 from corda_vl.methods.corda import describe_covariance
-from corda_vl.methods.cordapp import allocate_layers, analyse_layers
+from corda_vl.methods.cordapp import analyse_layers, ranks_under_budget
 from corda_vl.calibration.store import CovarianceStore
 from corda_vl.errors import CordaError
 from corda_vl.families import detect_family
@@ -143,7 +143,7 @@ def allocate_ranks(model: nn.Module, store: CovarianceStore, config: CordaConfig
     check_untied(model, targets)  # the build refuses tied weights; so does its dry run
     base = store.resolve_source(config.source)
     choices = analyse_layers(targets, store, config, base, keep_components=False, progress=progress)
-    ranks, budget = allocate_layers(choices, config)
+    ranks, budget = ranks_under_budget(choices, config)
     rows = []
     for t in targets:
         c, r = choices[t.name], ranks[t.name]

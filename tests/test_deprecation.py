@@ -90,3 +90,15 @@ def test_the_0_1_names_of_moved_helpers_resolve():
     from corda_vl.scaleout.blocks import blocks_of as moved
 
     assert blocks_of is moved
+
+
+def test_the_allocation_functions_answer_to_their_0_1_names():
+    from corda_vl.decomposition import compactness
+    from corda_vl.methods import cordapp
+
+    with pytest.warns(DeprecationWarning, match="allocate is now greedy_ranks"):
+        assert compactness.allocate is compactness.greedy_ranks
+    with pytest.warns(DeprecationWarning, match="allocate_layers is now ranks_under_budget"):
+        assert cordapp.allocate_layers is cordapp.ranks_under_budget
+    with pytest.raises(AttributeError):
+        compactness.no_such_name  # noqa: B018

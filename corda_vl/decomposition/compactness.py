@@ -142,7 +142,7 @@ def _split_budget(requests: Sequence[RankRequest], budget: int, modes: list[str]
     return {m: floor[m] + spare * (free[m] / total if total else 1 / len(modes)) for m in modes}
 
 
-def allocate(requests: Sequence[RankRequest], budget: int, step: int = 1) -> dict[str, int]:
+def greedy_ranks(requests: Sequence[RankRequest], budget: int, step: int = 1) -> dict[str, int]:
     """Ranks per layer with ``sum r_l (d_in,l + d_out,l)`` reaching ``budget``.
 
     Every layer starts at its floor ``low``; then, ``step`` rank at a time, the layer whose next
@@ -173,3 +173,11 @@ def allocate(requests: Sequence[RankRequest], budget: int, step: int = 1) -> dic
     for m, part in _split_budget(requests, budget, modes).items():
         ranks.update(_greedy([q for q in requests if q.mode == m], part, step))
     return ranks
+
+
+def __getattr__(name: str):
+    if name == "allocate":  # the 0.1 name
+        from corda_vl.deprecation import renamed
+
+        return renamed(__name__, "allocate", "greedy_ranks", greedy_ranks)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

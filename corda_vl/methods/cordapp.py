@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from corda_vl.decomposition.compactness import RankRequest, allocate, rank_scores, select_best
+from corda_vl.decomposition.compactness import RankRequest, greedy_ranks, rank_scores, select_best
 from corda_vl.decomposition.cosvd import (Components, balance_factors, co_svd, components, context_share,
                                           eigen_range, factors_from)
 from corda_vl.errors import CordaError, DecompositionError
@@ -153,12 +153,12 @@ def nominal_budget(choices: dict[str, LayerChoice]) -> int:
     return sum(c.nominal * (c.target.d_in + c.target.d_out) for c in choices.values())
 
 
-def allocate_layers(choices: dict[str, LayerChoice], config: CordaConfig) -> tuple[dict[str, int], dict[str, int]]:
+def ranks_under_budget(choices: dict[str, LayerChoice], config: CordaConfig) -> tuple[dict[str, int], dict[str, int]]:
     """(rank per layer, {"budget": asked, "realised": sum r_l (d_in + d_out)}) by the greedy
     compactness allocation. Warns about settings that would be silently ignored first."""
     _check_bounds(choices, config)
     budget = config.budget if config.budget is not None else nominal_budget(choices)
-    ranks = allocate([c.request() for c in choices.values()], budget, config.rank_step)
+    ranks = greedy_ranks([c.request() for c in choices.values()], budget, config.rank_step)
     realised = sum(r * (choices[n].target.d_in + choices[n].target.d_out) for n, r in ranks.items())
     if realised < budget:
         warnings.warn(f"the rank caps allow only {realised:,} of the {budget:,} trainable parameters asked for; "
@@ -190,7 +190,7 @@ class CordaPlusPlus(Method):
     def finish(self, analysed: dict[str, Any], targets: list[Target], config: CordaConfig) -> Decomposition:
         """Allocate ranks over every analysed layer, then slice each layer's kept components."""
         choices: dict[str, LayerChoice] = {t.name: analysed[t.name] for t in targets}
-        ranks, budget = allocate_layers(choices, config)
+        ranks, budget = ranks_under_budget(choices, config)
         factors, info = {}, {}
         for name, choice in choices.items():
             if choice.parts is None:  # another process analysed this layer and sends its factors
@@ -210,3 +210,11 @@ class CordaPlusPlus(Method):
 
 
 CORDA_PLUS_PLUS = register_method(CordaPlusPlus())
+
+
+def __getattr__(name: str):
+    if name == "allocate_layers":  # the 0.1 name
+        from corda_vl.deprecation import renamed
+
+        return renamed(__name__, "allocate_layers", "ranks_under_budget", ranks_under_budget)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from corda_vl import CordaError
-from corda_vl.decomposition.compactness import RankRequest, allocate, compactness, rank_scores, select_best
+from corda_vl.decomposition.compactness import RankRequest, compactness, greedy_ranks, rank_scores, select_best
 from corda_vl.decomposition.cosvd import co_svd, damp_covariance, eigen_range
 
 
@@ -122,13 +122,13 @@ FLAT = torch.ones(32)
 def test_kpm_gives_rank_where_the_tail_is_empty_ipm_where_the_head_is_full():
     for mode, expect in (("kpm", {"steep": 16, "flat": 4}), ("ipm", {"steep": 4, "flat": 16})):
         reqs = [_request("steep", STEEP, mode), _request("flat", FLAT, mode)]
-        assert allocate(reqs, budget=20 * 64) == expect, mode
+        assert greedy_ranks(reqs, budget=20 * 64) == expect, mode
 
 
 def test_rank_moves_away_from_badly_conditioned_layers():
     for mode in ("kpm", "ipm"):
         reqs = [_request("calm", FLAT, mode, lam=(1, 1)), _request("stiff", FLAT, mode, lam=(1, 1e4))]
-        assert allocate(reqs, budget=8 * 64) == {"calm": 7, "stiff": 1}, mode
+        assert greedy_ranks(reqs, budget=8 * 64) == {"calm": 7, "stiff": 1}, mode
 
 
 @pytest.mark.parametrize("mode", ["kpm", "ipm"])
@@ -139,7 +139,7 @@ def test_greedy_is_optimal_against_brute_force(mode):
                          dims=20, low=1, high=9, lam=(1.0, float(1 + 50 * torch.rand(1, generator=g))))
                 for i in range(3)]
         total = int(torch.randint(4, 24, (1,), generator=g))
-        ranks = allocate(reqs, budget=total * 20)
+        ranks = greedy_ranks(reqs, budget=total * 20)
         best = max(sum(r.value(k) for r, k in zip(reqs, combo))
                    for combo in itertools.product(range(1, 10), repeat=3) if sum(combo) == total)
         assert sum(ranks.values()) == total
@@ -157,34 +157,34 @@ def test_budget_bounds_determinism():
     for mode, step in (("kpm", 1), ("kpm", 3), ("ipm", 1), ("ipm", 3)):
         reqs = [_request(name, s, mode, dims, 4, 2, len(s) - 1, lam) for name, s, dims, lam in layers]
         budget = sum(4 * r.params_per_rank for r in reqs)
-        ranks = allocate(reqs, budget, step)
+        ranks = greedy_ranks(reqs, budget, step)
         used = sum(ranks[r.name] * r.params_per_rank for r in reqs)
         assert budget <= used < budget + step * max(r.params_per_rank for r in reqs)
         assert all(r.low <= ranks[r.name] <= r.high < len(r.scores) - 1 for r in reqs)
-        assert allocate(list(reqs), budget, step) == ranks
+        assert greedy_ranks(list(reqs), budget, step) == ranks
         assert len(set(ranks.values())) > 2  # the allocation is not uniform
 
 
 def test_budget_larger_than_the_caps_stops_at_the_caps():
     reqs = [_request("a", FLAT, high=5), _request("b", STEEP, high=3)]
-    assert allocate(reqs, budget=10**6) == {"a": 5, "b": 3}
+    assert greedy_ranks(reqs, budget=10**6) == {"a": 5, "b": 3}
 
 
 def test_floors_over_budget_and_bad_bounds_are_refused():
     with pytest.raises(CordaError, match="floors"):
-        allocate([_request("a", FLAT, low=8)], budget=4 * 64)
+        greedy_ranks([_request("a", FLAT, low=8)], budget=4 * 64)
     with pytest.raises(CordaError, match="min\\(d_in, d_out\\)"):
-        allocate([_request("a", FLAT, high=32)], budget=4 * 64)
+        greedy_ranks([_request("a", FLAT, high=32)], budget=4 * 64)
     with pytest.raises(CordaError, match="step"):
-        allocate([_request("a", FLAT)], budget=4 * 64, step=0)
+        greedy_ranks([_request("a", FLAT)], budget=4 * 64, step=0)
 
 
 def test_mixed_modes_split_the_budget_by_nominal_share_above_the_floors():
     reqs = [_request("k1", STEEP, "kpm"), _request("k2", FLAT, "kpm"),
             _request("i1", STEEP, "ipm", nominal=8), _request("i2", FLAT, "ipm", nominal=8)]
-    ranks = allocate(reqs, budget=24 * 64)
+    ranks = greedy_ranks(reqs, budget=24 * 64)
     # floors 2 + 2; the other 20 units shared 6 : 14 as nominal - floor (8 - 2 : 16 - 2)
     assert ranks["k1"] + ranks["k2"] == 8 and ranks["i1"] + ranks["i2"] == 16
     # a mode whose floors exceed its nominal share still gets them, and the total stays in budget
     reqs = [_request("k", FLAT, "kpm", nominal=1, low=10), _request("i", FLAT, "ipm", nominal=1)]
-    assert allocate(reqs, budget=11 * 64) == {"k": 10, "i": 1}
+    assert greedy_ranks(reqs, budget=11 * 64) == {"k": 10, "i": 1}
