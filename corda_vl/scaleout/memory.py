@@ -219,12 +219,12 @@ def _probe_sharing(model, family, names, groups, target_modules, exclude_modules
     config = getattr(model, "config", None)
     if config is None:
         raise CordaError("the model has no transformers config to shrink")
+    if family.probe_batch is None:  # before building the shrunk copy, which would be wasted
+        raise CordaError(f"the {family.name} family gives no probe batch")
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
         tiny = type(model)(_shrunk(config)).float().eval()
-        if family.probe_batch is None:
-            raise CordaError(f"the {family.name} family gives no probe batch")
         store = collect_covariances(tiny, [family.probe_batch(tiny)], groups=groups, target_modules=target_modules,
                                     exclude_modules=exclude_modules, family=family, distributed=False,
                                     progress=False)
