@@ -62,4 +62,5 @@ __all__ = [
     "save_corda",
 ]
 
-__getattr__ = deprecation.lab_attribute  # corda_vl.Run & co. moved to corda_vl.lab.report (deprecated here)
+__getattr__ = deprecation.module_getattr(__name__, {name: f"corda_vl.lab.report.{name}"
+                                                    for name in ("Run", "Score", "load_results", "write_report")})

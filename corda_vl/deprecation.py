@@ -1,13 +1,14 @@
 """Deprecation shims for the 0.2 layout; they go in 0.3 (see CHANGELOG.md).
 
 Old module paths (``corda_vl.decompose``, ``corda_vl.experiment``, ``corda_vl.data.vqa`` ...)
-still import, as the module that replaced them, with a DeprecationWarning. The report names that
-were re-exported at the top level (``corda_vl.Run`` ...) resolve lazily from ``corda_vl.lab``, so
-``import corda_vl`` never needs the lab's dependencies.
+still import, as the module that replaced them, with a DeprecationWarning. Renamed or moved
+names resolve through :func:`module_getattr` / :func:`moved`, lazily, so ``import corda_vl`` never
+needs the lab's dependencies.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.abc
 import importlib.util
@@ -38,11 +39,6 @@ MOVED_PACKAGES = {
     "corda_vl.eval": "corda_vl.lab.eval",
     "corda_vl.models": "corda_vl.lab.models",
 }
-LAB_NAMES = {"Run": "corda_vl.lab.report", "Score": "corda_vl.lab.report",
-             "load_results": "corda_vl.lab.report", "write_report": "corda_vl.lab.report",
-             "plot_ranks": "corda_vl.lab.plots"}
-
-
 def new_module_name(old: str) -> str | None:
     """Where an old module path lives now (None: it did not move)."""
     if old in MOVED_MODULES:
@@ -76,27 +72,25 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_loader(fullname, _Alias(new), is_package=new in MOVED_PACKAGES.values())
 
 
-def lab_attribute(name: str) -> Any:
-    """Module ``__getattr__`` of corda_vl: the report names, now in corda_vl.lab.report."""
-    if name not in LAB_NAMES or name == "plot_ranks":
-        raise AttributeError(f"module 'corda_vl' has no attribute {name!r}")
-    warnings.warn(f"corda_vl.{name} moved to {LAB_NAMES[name]}.{name}; the old name goes in corda_vl 0.3.",
-                  DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module(LAB_NAMES[name]), name)
-
-
-def renamed(module: str, old: str, new: str, value: Any) -> Any:
-    """``value`` for a module-level name that was renamed, with a warning (module ``__getattr__``)."""
-    warnings.warn(f"{module}.{old} is now {new}; the old name goes in corda_vl 0.3.", DeprecationWarning,
+def moved(old: str, new: str) -> Any:
+    """The object now at ``new`` (``"package.module.name"``), with a warning that ``old`` is now
+    there; called from a deprecated name's accessor, so the warning points at that accessor's caller."""
+    module, _, name = new.rpartition(".")
+    warnings.warn(f"{old} is now {name} ({new}); the old name goes in corda_vl 0.3.", DeprecationWarning,
                   stacklevel=3)
-    return value
+    return getattr(importlib.import_module(module), name)
 
 
-def lab_function(old: str, name: str) -> Any:
-    """The lab function that replaced a core method (``Plan.plot`` -> ``plot_ranks``), with a warning."""
-    warnings.warn(f"{old} moved to {LAB_NAMES[name]}.{name}; the old name goes in corda_vl 0.3.",
-                  DeprecationWarning, stacklevel=3)
-    return getattr(importlib.import_module(LAB_NAMES[name]), name)
+def module_getattr(module: str, moves: dict[str, str]):
+    """A module ``__getattr__`` answering each old name in ``moves`` with the object at its new
+    dotted path (imported only then, so a move into the lab costs the core nothing)."""
+
+    def __getattr__(name: str) -> Any:
+        if name not in moves:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        return moved(f"{module}.{name}", moves[name])
+
+    return __getattr__
 
 
 if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
@@ -105,7 +99,6 @@ if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
 
 def renamed_arguments(**renames: str):
     """Decorator: accept each old keyword (``old=new``) for one release, with a DeprecationWarning."""
-    import functools
 
     def wrap(fn):
         @functools.wraps(fn)

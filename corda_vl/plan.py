@@ -14,7 +14,7 @@ from torch import nn
 
 from corda_vl.adapters.build import check_untied
 from corda_vl.config import CordaConfig
-from corda_vl.deprecation import lab_function
+from corda_vl.deprecation import moved
 from corda_vl.methods import get_method
 from corda_vl.methods.corda import describe_covariance
 from corda_vl.methods.cordapp import analyse_layers, ranks_under_budget
@@ -81,7 +81,7 @@ class Plan:
 
     def plot(self, path) -> None:
         """Deprecated (goes in 0.3): the rank plot is the lab's ``plot_ranks(plan, path)``."""
-        lab_function("Plan.plot", "plot_ranks")(self, path)
+        moved("Plan.plot", "corda_vl.lab.plots.plot_ranks")(self, path)
 
     def __str__(self) -> str:
         mode = f" {self.mode.upper()}" if get_method(self.method).needs_store else ""

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from corda_vl.deprecation import module_getattr
 from corda_vl.errors import CordaError
 
 
@@ -175,9 +176,4 @@ def greedy_ranks(requests: Sequence[RankRequest], budget: int, step: int = 1) ->
     return ranks
 
 
-def __getattr__(name: str):
-    if name == "allocate":  # the 0.1 name
-        from corda_vl.deprecation import renamed
-
-        return renamed(__name__, "allocate", "greedy_ranks", greedy_ranks)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = module_getattr(__name__, {"allocate": f"{__name__}.greedy_ranks"})  # the 0.1 name

@@ -19,6 +19,7 @@ import torch
 from corda_vl.decomposition.compactness import RankRequest, greedy_ranks, rank_scores, select_best
 from corda_vl.decomposition.cosvd import (Components, balance_factors, co_svd, components, context_share,
                                           eigen_range, factors_from)
+from corda_vl.deprecation import module_getattr
 from corda_vl.errors import CordaError, DecompositionError
 from corda_vl.methods.base import (Decomposition, Method, damped_input, factor_dtype, for_each_input,
                                    module_record, register_method)
@@ -212,9 +213,4 @@ class CordaPlusPlus(Method):
 CORDA_PLUS_PLUS = register_method(CordaPlusPlus())
 
 
-def __getattr__(name: str):
-    if name == "allocate_layers":  # the 0.1 name
-        from corda_vl.deprecation import renamed
-
-        return renamed(__name__, "allocate_layers", "ranks_under_budget", ranks_under_budget)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = module_getattr(__name__, {"allocate_layers": f"{__name__}.ranks_under_budget"})  # the 0.1 name
