@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from corda_vl.errors import DecompositionError
 from corda_vl.methods import registry
+from corda_vl.scaleout.distributed import run_owned
 
-if TYPE_CHECKING:  # type hints only: the config imports this registry to validate its method
+if TYPE_CHECKING:  # type hints only: CordaConfig validates through methods/registry.py, never this module
     from corda_vl.calibration.store import CovarianceStore
     from corda_vl.config import CordaConfig
     from corda_vl.families.base import Family
@@ -116,9 +118,6 @@ def factor_dtype(weight: torch.Tensor) -> torch.dtype:
 def for_each_input(targets: list[Target], store: CovarianceStore | None, work, *, desc: str, progress: bool) -> None:
     """Collective: ``work(input_key, members)`` for every input this process owns (all of them
     in a single process); a failure on any process raises on every process."""
-    from corda_vl.errors import DecompositionError
-    from corda_vl.scaleout.distributed import run_owned
-
     run_owned(by_input(targets, store), work, desc=desc, progress=progress, kind=DecompositionError)
 
 
