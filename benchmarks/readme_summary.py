@@ -59,23 +59,26 @@ def load(path: Path) -> dict[str, Any]:
     return data
 
 
+def _key_path(keys: tuple[str, ...]) -> str:
+    return "".join(f"[{k!r}]" for k in keys)
+
+
 def need(data: Any, path: Path, *keys: str) -> Any:
     """data[k0][k1]..., or a SummaryError naming the file and the whole key path."""
     value = data
     for i, key in enumerate(keys):
         if not isinstance(value, dict) or key not in value:
-            where = "".join(f"[{k!r}]" for k in keys[:i + 1])
-            raise SummaryError(f"{_shown(path)}: required key {where} is missing")
+            raise SummaryError(f"{_shown(path)}: required key {_key_path(keys[:i + 1])} is missing")
         value = value[key]
     if value is None:
-        raise SummaryError(f"{_shown(path)}: {''.join(f'[{k!r}]' for k in keys)} is null")
+        raise SummaryError(f"{_shown(path)}: {_key_path(keys)} is null")
     return value
 
 
 def number(data: Any, path: Path, *keys: str) -> float:
     value = need(data, path, *keys)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SummaryError(f"{_shown(path)}: {''.join(f'[{k!r}]' for k in keys)} is not a number: {value!r}")
+        raise SummaryError(f"{_shown(path)}: {_key_path(keys)} is not a number: {value!r}")
     return float(value)
 
 
