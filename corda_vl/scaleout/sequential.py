@@ -19,7 +19,7 @@ from __future__ import annotations
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,12 @@ from corda_vl.calibration.collector import Collector
 from corda_vl.calibration.loop import Step, collect_covariances, input_device, run_hooked, warn_small
 from corda_vl.calibration.store import CovarianceStore, model_fingerprint
 from corda_vl.config import CordaConfig
-from corda_vl.errors import CalibrationError, CordaError
+from corda_vl.deprecation import module_getattr
+from corda_vl.errors import CalibrationError
 from corda_vl.families import detect_family
 from corda_vl.families.base import Family, batch_to_device
 from corda_vl.methods import get_method
-from corda_vl.scaleout.blocks import block_stack, blocks_of  # noqa: F401 - blocks_of: the 0.1 path, until 0.3
+from corda_vl.scaleout.blocks import block_stack
 from corda_vl.scaleout.distributed import agreed, all_reduce_store, gather_objects, is_main_process, world
 from corda_vl.scaleout.memory import plan_memory
 from corda_vl.targets import Target, resolve_targets
@@ -302,3 +303,5 @@ def calibrate_and_build(
                                 exclude_modules=config.exclude_modules, dtype=dtype, progress=progress)
     return build_corda(model, store, config, progress=progress)
 
+
+__getattr__ = module_getattr(__name__, {"blocks_of": "corda_vl.scaleout.blocks.blocks_of"})  # the 0.1 place
