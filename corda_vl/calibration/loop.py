@@ -22,7 +22,7 @@ from corda_vl.deprecation import renamed_arguments
 from corda_vl.errors import CalibrationError
 from corda_vl.families import detect_family
 from corda_vl.families.base import Family, Routes, batch_to_device
-from corda_vl.targets import Target, resolve_targets
+from corda_vl.targets import resolve_targets
 
 
 def split_names(splits: int):
