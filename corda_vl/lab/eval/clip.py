@@ -123,11 +123,13 @@ def image_logits(encoder: ClipEncoder, classifier: torch.Tensor, dataset, batch_
 
 def zero_shot_eval(encoder: ClipEncoder, dataset, classnames: Sequence[str], templates: Sequence[str] | None = None,
                    *, batch_size: int = 64, progress: bool = True) -> dict[str, float]:
-    """acc1, acc5 (with >= 5 classes) and mean per-class recall of zero-shot classification."""
+    """acc1, acc5 (with >= 5 classes) and mean per-class recall of zero-shot classification; "correct"
+    says per image whether its top-1 class is right (for per-item statistics)."""
     classifier = build_zero_shot_classifier(encoder, classnames, templates or zero_shot_templates(), batch_size)
     logits, labels = image_logits(encoder, classifier, dataset, batch_size, progress)
     out = {"acc1": topk_accuracy(logits, labels, 1),
-           "mean_per_class_recall": mean_per_class_recall(logits.argmax(1), labels), "n": int(labels.shape[0])}
+           "mean_per_class_recall": mean_per_class_recall(logits.argmax(1), labels), "n": int(labels.shape[0]),
+           "correct": (logits.argmax(1) == labels).tolist()}
     if len(classnames) >= 5:
         out["acc5"] = topk_accuracy(logits, labels, 5)
     return out

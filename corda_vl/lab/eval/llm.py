@@ -72,9 +72,14 @@ def generate_answers(model: nn.Module, tokenizer, items: Sequence[Any], *, max_n
     return answers
 
 
+def answer_hits(predictions: Sequence[str], rows: Sequence[dict]) -> list[bool]:
+    """Per row: whether its prediction exactly matches its "answer" or one of its "aliases"."""
+    return [exact_match(p, [r["answer"], *(r.get("aliases") or [])]) for p, r in zip(predictions, rows)]
+
+
 def answer_accuracy(predictions: Sequence[str], rows: Sequence[dict]) -> float:
     """Share of predictions that exactly match their row's "answer" or one of its "aliases"."""
-    hits = [exact_match(p, [r["answer"], *(r.get("aliases") or [])]) for p, r in zip(predictions, rows)]
+    hits = answer_hits(predictions, rows)
     return sum(hits) / len(hits) if hits else float("nan")
 
 
@@ -83,12 +88,14 @@ def qa_exact_match(model: nn.Module, tokenizer, dataset, *, template: str = QA_T
                    progress: bool = True) -> dict[str, Any]:
     """Exact match (normalised: case, punctuation, articles) of greedy answers to ``dataset``'s
     questions; rows need "question" and "answer", optionally "aliases" (other accepted answers).
-    Returns {"exact_match": share, "n": rows, "predictions": [...]}."""
+    Returns {"exact_match": share, "n": rows, "predictions": [...], "hits": [bool per row]}."""
     rows = list(dataset)
     prompts = [qa_prompt(r["question"], template, shots) for r in rows]
     predictions = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, progress=progress)
-    return {"exact_match": answer_accuracy(predictions, rows), "n": len(rows), "predictions": predictions}
+    hits = answer_hits(predictions, rows)
+    return {"exact_match": sum(hits) / len(hits) if hits else float("nan"), "n": len(rows),
+            "predictions": predictions, "hits": hits}
 
 
 @torch.no_grad()
@@ -155,9 +162,11 @@ def qa_loglik(model: nn.Module, tokenizer, dataset, *, distractors: int = 4, see
 @torch.no_grad()
 def text_perplexity(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 8,
                     max_length: int = 512, progress: bool = True) -> dict[str, float]:
-    """Perplexity of held-out ``texts`` (each scored on its own, padding masked)."""
+    """Perplexity of held-out ``texts`` (each scored on its own, padding masked). Also per text:
+    "text_nll" (mean NLL per token) and "text_tokens" (tokens scored), for per-item statistics."""
     device = model_device(model)
     total, tokens = 0.0, 0
+    text_nll, text_tokens = [], []
     with padding_side(tokenizer, "right"):
         for chunk in tqdm(list(_chunks(list(texts), batch_size)), desc="perplexity", disable=not progress):
             enc = tokenizer(list(chunk), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
@@ -165,7 +174,10 @@ def text_perplexity(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
             keep = mask[:, 1:] * mask[:, :-1]
-            total += float((nll * keep).sum())
-            tokens += int(keep.sum())
+            per_text, counts = (nll * keep).sum(1), keep.sum(1)
+            text_nll += [float(n) / max(int(c), 1) for n, c in zip(per_text, counts)]
+            text_tokens += [int(c) for c in counts]
+            total += float(per_text.sum())
+            tokens += int(counts.sum())
     return {"perplexity": perplexity(total, tokens), "nll": total / tokens if tokens else float("nan"),
-            "tokens": tokens}
+            "tokens": tokens, "text_nll": text_nll, "text_tokens": text_tokens}

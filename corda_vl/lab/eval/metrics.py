@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-LOWER_IS_BETTER = frozenset({"perplexity", "ppl", "loss", "nll"})
+LOWER_IS_BETTER = frozenset({"perplexity", "ppl", "loss", "nll", "ce"})
 """Metric names (case-insensitive) where smaller is better; every other metric is higher-is-better."""
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from corda_vl.lab.eval.llm import answer_accuracy, generate_answers
+from corda_vl.lab.eval.llm import answer_hits, generate_answers
 
 VQA_TEMPLATE = "<image>\nQuestion: {question}\nAnswer:"
 
@@ -30,4 +30,6 @@ def vqa_accuracy(model: nn.Module, processor: Any, dataset, *, template: str = V
 
     predictions = generate_answers(model, processor.tokenizer, rows, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, progress=progress, model_inputs=inputs)
-    return {"vqa_accuracy": answer_accuracy(predictions, rows), "n": len(rows), "predictions": predictions}
+    hits = answer_hits(predictions, rows)
+    return {"vqa_accuracy": sum(hits) / len(hits) if hits else float("nan"), "n": len(rows),
+            "predictions": predictions, "hits": hits}

@@ -69,7 +69,7 @@ def test_open_clip_classifier_equals_open_clip_own():
     theirs = open_clip.build_zero_shot_classifier(model, tokenizer, CLASSES, TEMPLATES, device="cpu")
     torch.testing.assert_close(ours, theirs.float(), atol=1e-6, rtol=0)
     out = zero_shot_eval(clip_encoder(model), images(), CLASSES, TEMPLATES, progress=False)
-    assert set(out) == {"acc1", "acc5", "mean_per_class_recall", "n"}
+    assert set(out) == {"acc1", "acc5", "mean_per_class_recall", "n", "correct"}
 
 
 def test_non_clip_model_is_refused(llama):
