@@ -1,6 +1,7 @@
 """Offline datasets and batching helpers."""
 
 from corda_vl.lab.data.countries import capital_questions, country_fact_texts, country_records
+from corda_vl.lab.data.general_text import general_texts
 from corda_vl.lab.data.glyphs import letters
 from corda_vl.lab.data.images import colors, digits, fashion_mnist, from_datasets, image_folder, image_table, shapes
 from corda_vl.lab.data.knowledge import country_splits, knowledge_calibration_texts, knowledge_qa, knowledge_shots
@@ -19,6 +20,7 @@ __all__ = [
     "easy_vqa",
     "fashion_mnist",
     "from_datasets",
+    "general_texts",
     "image_folder",
     "image_table",
     "knowledge_calibration_texts",
