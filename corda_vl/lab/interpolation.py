@@ -77,3 +77,27 @@ def adapter_scale(peft_model, initial: dict[str, tuple[torch.Tensor, torch.Tenso
                     layer.get_base_layer().weight.copy_(saved_weights[name])
             if name in saved_scaling:
                 layer.scaling[adapter] = saved_scaling[name]
+
+
+@torch.no_grad()
+def update_size(peft_model, initial: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """How far training moved the adapted layers from the original model:
+    ``{"fro": ||ΔW||_F, "relative": ||ΔW||_F / ||W||_F}`` over every adapted layer together, where
+    ``ΔW = s (B A - B0 A0)`` per layer (the trained model against the original base, zero at
+    init for every method) and ``W`` is the original weight ``W_res + s B0 A0``. A larger update
+    both learns more and forgets more, so retention is compared against it."""
+    layers = _lora_layers(peft_model)
+    adapter = peft_model.active_adapter
+    delta_sq = base_sq = 0.0
+    for name, layer in layers.items():
+        s = float(layer.scaling[adapter])
+        a, b = layer.lora_A[adapter].weight.double().cpu(), layer.lora_B[adapter].weight.double().cpu()
+        a0, b0 = (x.double() for x in initial[name])
+        initial_product = b0 @ a0
+        delta_sq += float(((b @ a - initial_product) * s).square().sum())
+        weight = layer.get_base_layer().weight.double().cpu()
+        if getattr(layer, "fan_in_fan_out", False):
+            weight = weight.T
+        base_sq += float((weight + s * initial_product).square().sum())
+    fro = delta_sq ** 0.5
+    return {"fro": fro, "relative": fro / base_sq ** 0.5 if base_sq else float("nan")}

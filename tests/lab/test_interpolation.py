@@ -8,7 +8,7 @@ from peft import PeftModel
 from peft.helpers import rescale_adapter_scale
 
 from corda_vl import CordaConfig, CordaError, build_corda, collect_covariances, export_lora, save_corda
-from corda_vl.lab.interpolation import adapter_scale, initial_factors
+from corda_vl.lab.interpolation import adapter_scale, initial_factors, update_size
 from corda_vl.lab.training import trainable_parameters
 
 
@@ -64,3 +64,27 @@ def test_weights_are_restored_on_error_and_missing_factors_are_refused(tmp_path)
             pass
     with pytest.raises(CordaError, match="LoRA layers"):
         initial_factors(tiny_llama())
+
+
+@pytest.mark.parametrize("method", ["corda", "pissa", "lora"])
+def test_update_size_is_zero_at_init_and_the_norm_of_the_merged_change_after(method, tmp_path):
+    model, batches = tiny_llama(), text_batches()
+    original = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("proj.weight")}
+    store = collect_covariances(model, batches, progress=False) if method == "corda" else None
+    torch.manual_seed(0)
+    peft_model = build_corda(model, store, CordaConfig(method=method, r=3, alpha=6), progress=False)
+    initial = initial_factors(peft_model)
+    at_init = update_size(peft_model, initial)
+    assert at_init["fro"] == 0.0 and at_init["relative"] == 0.0
+    with torch.no_grad():
+        for p in trainable_parameters(peft_model).values():
+            p.add_(0.05 * torch.randn_like(p))
+    size = update_size(peft_model, initial)
+    # the same number from the merged model: sum over adapted layers of ||W_merged - W_original||^2
+    merged = peft_model.merge_and_unload()
+    delta = sum(float((p.double() - original[n].double()).square().sum()) for n, p in merged.named_parameters()
+                if n in original)
+    assert len(initial) == len(original)  # every projection is adapted
+    base = sum(float(w.double().square().sum()) for w in original.values())
+    assert size["fro"] == pytest.approx(delta ** 0.5, rel=1e-5)
+    assert size["relative"] == pytest.approx(delta ** 0.5 / base ** 0.5, rel=1e-5)
