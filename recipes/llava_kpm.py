@@ -4,6 +4,7 @@
     python recipes/llava_kpm.py --methods lora,corda --rank 32 --steps 120
     python recipes/llava_kpm.py --groups vision,projector,language --mode ipm
     python recipes/llava_kpm.py --task describe          # "describe the shape." -> "red circle"
+    python recipes/llava_kpm.py --seeds 0,1,2 --lrs 2.5e-4,5e-4,1e-3   # a trade-off study with intervals
     python recipes/llava_kpm.py --smoke                  # about a minute, for CI
 
 Model: the embedded default LLaVA (corda-vl-llava: the default CLIP's ViT + a projector trained on
@@ -12,16 +13,19 @@ folder (set `template` in the YAML to its prompt format).
 Task: a question type about easy-VQA's pictures that easy-VQA never asks ("how many corners does
 the shape have?" -> circle "0", triangle "3", rectangle "4"; VQA accuracy on held-out images).
 Knowledge to keep: easy-VQA itself (accuracy on held-out questions) and, text only through the
-same model, capitals of held-out countries (3-shot exact match). KPM calibrates on easy-VQA train
+same model, capitals of held-out countries (3-shot exact match) and the cross-entropy of a
+general-text sample (the forgetting metric of PEFT's own benchmark). KPM calibrates on easy-VQA train
 questions + answers with their images (the vision tower sees the pictures; the language layers see
 image tokens and text tokens, also kept apart as calib/image and calib/text) and on capital Q&A
-and fact paragraphs of *other* countries; IPM calibrates on the task rows instead.
+and fact paragraphs of *other* countries, a seeded sample per seed; IPM calibrates on the task rows
+instead.
 corda++ chooses among whole covariances only (YAML `cordapp: {candidates: [calib]}`), and the
 learning rate is low (5e-4): every task answer is a number, and more training teaches the model to
 answer every question with a number (the probes behind both: docs/results.md, llava_kpm).
 
-Flow: evaluate the base model -> calibrate -> for each method: build, train (same rows, same
-steps), evaluate, save -> results.json / report.md / plot.png in --output-dir. Settings:
+Flow: evaluate the base model (item by item) -> calibrate each seed -> for each seed, method and
+learning rate: build, train (same rows, order from the seed), evaluate, save -> results.json /
+report.md / plot.png, and study.md / study.json / tradeoff.png (intervals) in --output-dir. Settings:
 recipes/configs/llava_kpm.yaml (keys and types: corda_vl.lab.recipe_config.LlavaRecipeConfig), each
 overridable by its flag (see --help).
 """
@@ -34,12 +38,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from corda_vl.lab.data import (easy_vqa, knowledge_calibration_texts, knowledge_qa, knowledge_shots, padded_batches,
-                               vqa_skill)
-from corda_vl.lab.eval.llm import padding_side, qa_exact_match
+from corda_vl.lab.data import (easy_vqa, general_texts, knowledge_calibration_texts, knowledge_qa, knowledge_shots,
+                               padded_batches, vqa_skill)
+from corda_vl.lab.eval.llm import padding_side, qa_exact_match, text_perplexity
+from corda_vl.lab.eval.scores import hits, token_nll
 from corda_vl.lab.eval.vlm import vqa_accuracy
-from corda_vl.lab.experiment import (Recipe, base_scores, calibrated_store, compare_methods, parse_recipe,
-                                 print_plans, recipe_device)
+from corda_vl.lab.experiment import (Recipe, base_scores, calibrate_seeds, compare_methods, parse_recipe,
+                                     print_plans, recipe_device)
 from corda_vl.lab.losses import answer_batch, answer_loss
 from corda_vl.lab.models.default_llava import load_llava
 from corda_vl.lab.recipe_config import LlavaRecipeConfig
@@ -65,15 +70,14 @@ def sample(rows, n, seed=cfg.seed):
     return rows if n >= len(rows) else rows.select(sorted(random.Random(seed).sample(range(len(rows)), n)))
 
 
-# --- data: the task to learn, the knowledge to keep, the knowledge that calibrates KPM --------
+# --- data: the task to learn, the knowledge to keep (the same items for every run) ------------
 task = vqa_skill(cfg.task, cfg.task_train_rows, cfg.task_eval_rows, seed=cfg.seed)
 vqa = easy_vqa(seed=cfg.seed)
 vqa_held_out = sample(vqa["eval"], cfg.vqa_questions)
 capitals = knowledge_qa(fields=("capital",), seed=cfg.seed)
 held_out = capitals["eval"].shuffle(seed=cfg.seed).select(range(min(cfg.capital_questions, len(capitals["eval"]))))
 shots = knowledge_shots(cfg.capital_shots, "capital", seed=cfg.seed)
-known = knowledge_calibration_texts(cfg.calib_samples, seed=cfg.seed)
-calib_rows = sample(vqa["train"] if cfg.mode == "kpm" else task["train"], cfg.calib_samples)
+general = general_texts(cfg.general_texts, path=cfg.general_text_file) if cfg.general_texts else []
 
 
 def image_batches(rows, size):
@@ -88,28 +92,37 @@ def image_batches(rows, size):
     return out
 
 
-def calibration_batches():
-    """KPM: easy-VQA Q&A with images, then text-only capital Q&A / fact paragraphs; IPM: task rows."""
-    batches = image_batches(calib_rows, cfg.calib_batch_size)
+def calibration(seed):
+    """KPM: a seeded sample of easy-VQA Q&A with images, then of capital Q&A / fact paragraphs of
+    other countries (text only); IPM: a seeded sample of the task rows."""
+    batches = image_batches(sample(vqa["train"] if cfg.mode == "kpm" else task["train"], cfg.calib_samples, seed),
+                            cfg.calib_batch_size)
     if cfg.mode == "kpm":
         with padding_side(tokenizer, "right"):
-            batches += padded_batches(tokenizer, known, batch_size=cfg.calib_batch_size)
+            batches += padded_batches(tokenizer, knowledge_calibration_texts(cfg.calib_samples, seed=seed),
+                                      batch_size=cfg.calib_batch_size)
     return batches
 
 
-def evaluate(m):
-    """{benchmark: (metric, value)}: the task and each retention benchmark."""
-    def accuracy(rows):
-        return vqa_accuracy(m, processor, rows, template=template, max_new_tokens=cfg.vqa_new_tokens,
-                            batch_size=cfg.eval_batch_size, progress=False)["vqa_accuracy"]
+def accuracy(m, rows):
+    return hits("accuracy", vqa_accuracy(m, processor, rows, template=template, max_new_tokens=cfg.vqa_new_tokens,
+                                         batch_size=cfg.eval_batch_size, progress=False)["hits"])
 
-    scores = {cfg.task: ("accuracy", accuracy(task["eval"]))}
-    if "easy_vqa" in cfg.retention:
-        scores["easy_vqa"] = ("accuracy", accuracy(vqa_held_out))
-    if "capitals" in cfg.retention:
-        em = qa_exact_match(m, tokenizer, held_out, shots=shots, batch_size=cfg.eval_batch_size, progress=False)
-        scores["capitals"] = ("em", em["exact_match"])
-    return scores
+
+def general_ce(m):
+    out = text_perplexity(m, tokenizer, general, batch_size=cfg.eval_batch_size, progress=False)
+    return token_nll("ce", out["text_nll"], out["text_tokens"])
+
+
+# {benchmark: model -> per-item scores}, the task first
+benchmarks = {cfg.task: lambda m: accuracy(m, task["eval"])}
+if "easy_vqa" in cfg.retention:
+    benchmarks["easy_vqa"] = lambda m: accuracy(m, vqa_held_out)
+if "capitals" in cfg.retention:
+    benchmarks["capitals"] = lambda m: hits("em", qa_exact_match(m, tokenizer, held_out, shots=shots,
+                                                                 batch_size=cfg.eval_batch_size, progress=False)["hits"])
+if "general" in cfg.retention:
+    benchmarks["general"] = general_ce
 
 
 def loss_fn(m, rows):
@@ -118,21 +131,15 @@ def loss_fn(m, rows):
     return answer_loss(m, inputs, targets)
 
 
-# --- calibrate once (the modules the methods adapt); every CorDA method reads the same store ----
 groups = "+".join(cfg.groups or ["language"])
-store, calib_s = calibrated_store(out_dir / f"covariances_{cfg.mode}_{groups}.safetensors", model,
-                                  calibration_batches, resume=args.resume, cfg=cfg)
-if store is not None:
-    print(f"calibrated ({cfg.mode}) on {len(calib_rows)} image rows"
-          f"{f' + {len(known)} texts' if cfg.mode == 'kpm' else ''} in {calib_s:.1f} s: "
-          f"{len(store.modules)} modules, sources {', '.join(store.sources)}")
-
+recipe = Recipe(cfg.recipe, cfg, load_model, task["train"], loss_fn, benchmarks, cfg.task, calibration=calibration,
+                save_with=processor, store_name=f"covariances_{cfg.mode}_{groups}")
 if args.dry_run:
-    print_plans(model, cfg, store)
+    print_plans(recipe, model)
     raise SystemExit(0)
 
-# --- evaluate the base once, then each method from a fresh copy --------------------------------
-before = base_scores(evaluate, model, out_dir, resume=args.resume)
-del model  # each method loads a fresh copy
-recipe = Recipe(cfg.recipe, cfg, load_model, task["train"], loss_fn, evaluate, cfg.task, save_with=processor)
-compare_methods(recipe, store, before, out_dir, calibrate_seconds=calib_s, resume=args.resume)
+# --- evaluate the base once, calibrate every seed, then each run from a fresh copy -------------
+before = base_scores(recipe, model, out_dir, resume=args.resume)
+stores = calibrate_seeds(recipe, model, out_dir, resume=args.resume)
+del model  # each run loads a fresh copy
+compare_methods(recipe, stores, before, out_dir, resume=args.resume)

@@ -1,16 +1,19 @@
 """What the retention recipes (``recipes/*_kpm.py``) share: their flags (the fields of their typed
-config, ``corda_vl.lab.recipe_config``), the calibration cache, and one method's run from build to
-report rows.
+config, ``corda_vl.lab.recipe_config``), the calibration cache per seed, the grid of runs, and one
+run from build to report rows.
 
 A recipe owns what differs per model family (model loader, task and retention data, the loss,
-the evaluators, the calibration batches); this module owns the order of the steps, so every
-method and every recipe is compared the same way:
+the benchmarks, the calibration batches of a seed); this module owns the order of the steps, so
+every method and every recipe is compared the same way. The grid is seeds x methods x learning
+rates (``seeds``, ``methods``, ``lrs``, ``lr_methods``, ``lora_weight_decays``); each run:
 
-    build adapters -> save init -> train (same rows, same steps) -> evaluate -> save adapter,
-    exported LoRA -> optional scale sweep -> report rows
+    seeded build -> save init -> train (same rows; order from the seed) -> update size ->
+    evaluate item by item -> save adapter, exported LoRA -> optional scale sweep -> report rows
 
-The base model is evaluated once, before any method: every method starts from outputs equal to
-the base model's (pinned by the tests), so "before" is the same for all of them.
+Each run lives in ``out_dir/runs/<method>/lr<lr>_wd<wd>/seed<seed>/`` and is skipped under
+``--resume`` once its ``runs.json`` exists, so a study can stop and go on in several sittings.
+The base model is evaluated once, before any run: every method starts from outputs equal to the
+base model's (pinned by the tests), so "before" is the same for all of them and every seed.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -28,16 +32,19 @@ from corda_vl.adapters import build_corda, build_record
 from corda_vl.atomic import atomic_dir, atomic_file
 from corda_vl.methods import get_method
 from corda_vl.calibration.store import CovarianceStore
+from corda_vl.errors import CordaError
 from corda_vl.scaleout.distributed import init_from_launcher, is_main_process, on_main, process_device
-from corda_vl.lab.interpolation import adapter_scale, initial_factors
+from corda_vl.lab.baselines import build_baseline, is_baseline
+from corda_vl.lab.eval.scores import ItemScores, read_items, write_items
+from corda_vl.lab.interpolation import adapter_scale, initial_factors, update_size
 from corda_vl.lab.report import Run, Score, run_from_dict, run_to_dict
 from corda_vl.lab.recipe_config import RecipeConfig, add_flags, flag_values
 from corda_vl.saving import export_lora, save_corda
 from corda_vl.lab.training import train, trainable_parameters
 
 C = TypeVar("C", bound=RecipeConfig)
-Scores = dict[str, tuple[str, float]]
-"""{benchmark: (metric, value)} as a recipe's evaluate(model) returns it; the task is one entry."""
+Scores = dict[str, ItemScores]
+"""{benchmark: per-item scores} as a recipe's benchmarks give them; the task is one entry."""
 
 
 def parse_recipe(doc: str, config_path: str | Path, argv: Sequence[str] | None = None, *,
@@ -67,7 +74,12 @@ def parse_recipe(doc: str, config_path: str | Path, argv: Sequence[str] | None =
 
 
 def _needs_store(method: str) -> bool:
-    return get_method(method).needs_store
+    return not is_baseline(method) and get_method(method).needs_store
+
+
+def _needs_batches(method: str) -> bool:
+    """PEFT's data-driven baselines calibrate themselves on the recipe's batches."""
+    return method in ("peft-corda", "eva")
 
 
 def recipe_device(cfg: RecipeConfig) -> str:
@@ -79,7 +91,8 @@ def recipe_device(cfg: RecipeConfig) -> str:
 
 
 def calibrated_store(path: Path, model, make_batches: Callable[[], Any], *, resume: bool,
-                     cfg: RecipeConfig | None = None, **kwargs) -> tuple[CovarianceStore | None, float]:
+                     cfg: RecipeConfig | None = None, save: bool = True,
+                     **kwargs) -> tuple[CovarianceStore | None, float]:
     """(store, seconds): collect_covariances over ``make_batches()``, saved to ``path``; with
     ``resume`` an existing file is loaded instead (refused if it belongs to another model).
     ``cfg`` (a recipe config) limits the hooks to the modules the methods adapt (its groups,
@@ -100,135 +113,246 @@ def calibrated_store(path: Path, model, make_batches: Callable[[], Any], *, resu
     t0 = time.perf_counter()
     store = collect_covariances(model, make_batches(), **kwargs)  # several processes: sharded, then summed
     seconds = time.perf_counter() - t0
-    def save():
+    def write():
         path.parent.mkdir(parents=True, exist_ok=True)
         store.save(path)
 
-    on_main(save)  # writes on the main process; the others wait and share any error
+    if save:
+        on_main(write)  # writes on the main process; the others wait and share any error
     return store, seconds
-
-
-def cached_scores(path: Path, evaluate: Callable[[], Scores], *, resume: bool) -> Scores:
-    """``evaluate()``, kept in ``path`` (JSON) so that ``--resume`` does not evaluate again."""
-    if resume and path.is_file():
-        return {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
-    def evaluate_and_keep() -> Scores:
-        scores = evaluate()
-        with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(scores, indent=2))
-        return scores
-
-    return on_main(evaluate_and_keep)  # once, on the main process
 
 
 @dataclass
 class Recipe:
-    """What one recipe hands to :func:`run_method`: how to get a fresh model and how to train and
-    evaluate it. ``evaluate(model)`` returns Scores; ``task`` names the entry that is the task."""
+    """What one recipe hands to the grid: how to get a fresh model, train it and score it.
+    ``benchmarks[name](model)`` scores one benchmark item by item; ``task`` names the one that is
+    the task. ``calibration(seed)`` gives the calibration batches of a seed (KPM: a seeded sample
+    of the knowledge to keep; IPM: of the task)."""
 
     name: str
     cfg: RecipeConfig
     load_model: Callable[[], Any]
     rows: Sequence[Any]
     loss_fn: Callable[[Any, list[Any]], Any]
-    evaluate: Callable[[Any], Scores]
+    benchmarks: dict[str, Callable[[Any], ItemScores]]
     task: str
+    calibration: Callable[[int], Any] | None = None
     save_with: Any = None  # tokenizer / processor saved next to the residual
+    store_name: str = "covariances"
+
+    def evaluate(self, model) -> Scores:
+        """Every benchmark, the task first."""
+        return {name: score(model) for name, score in self.benchmarks.items()}
 
 
-def _run(recipe: Recipe, method: str, trainable: int, budget: int | None, before: Scores, after: Scores,
-         seconds: dict, scale: float | None = None) -> Run:
-    def score(name: str) -> Score:
-        metric, value = after[name]
-        return Score(metric, before[name][1], value)
+@dataclass(frozen=True)
+class Setting:
+    """One run of the grid: a method trained at one learning rate and weight decay with one seed."""
 
+    method: str
+    lr: float
+    weight_decay: float
+    seed: int
+
+    @property
+    def path(self) -> str:
+        return f"{self.method.replace('+', 'p')}/lr{self.lr:g}_wd{self.weight_decay:g}/seed{self.seed}"
+
+
+def run_seeds(cfg: RecipeConfig) -> list[int]:
+    return list(cfg.seeds or [cfg.seed])
+
+
+def settings(cfg: RecipeConfig) -> list[Setting]:
+    """The grid, seed by seed (so a study stopped early has whole seeds of every method): each
+    method at lr, or at every rate of lrs when it is one of lr_methods; lora also at each of
+    lora_weight_decays."""
+    out = []
+    for seed in run_seeds(cfg):
+        for method in cfg.methods:
+            swept = cfg.lr_methods is None or method in cfg.lr_methods
+            for lr in (cfg.lrs or [cfg.lr]) if swept else [cfg.lr]:
+                out.append(Setting(method, lr, cfg.weight_decay, seed))
+            if method == "lora":
+                out += [Setting(method, cfg.lr, wd, seed) for wd in cfg.lora_weight_decays if wd != cfg.weight_decay]
+    return out
+
+
+def calibrate_seeds(recipe: Recipe, model, out_dir: Path, *, resume: bool) -> dict[int, tuple[Path, float]]:
+    """{seed: (covariance file, seconds)}: the store of every seed, computed on the base model
+    and saved (the runs load their seed's store onto their fresh model). Empty when no method
+    reads covariances."""
     cfg = recipe.cfg
-    return Run(method=method, mode=cfg.mode if _needs_store(method) else None,
-               rank=None if budget is not None else cfg.rank, budget=budget, trainable_params=trainable,
-               task_name=recipe.task, task=score(recipe.task),
-               retention={k: score(k) for k in after if k != recipe.task}, seconds=seconds, scale=scale)
+    if recipe.calibration is None or not any(_needs_store(m) for m in cfg.methods):
+        return {}
+    stores = {}
+    for seed in run_seeds(cfg):
+        path = Path(out_dir) / f"{recipe.store_name}_seed{seed}.safetensors"
+        store, seconds = calibrated_store(path, model, lambda: recipe.calibration(seed), resume=resume, cfg=cfg)
+        print(f"calibrated seed {seed} ({cfg.mode}) in {seconds:.1f} s: {len(store.modules)} modules, "
+              f"sources {', '.join(store.sources)}")
+        stores[seed] = (path, seconds)
+        del store
+    return stores
 
 
-def run_method(recipe: Recipe, method: str, store: CovarianceStore | None, before: Scores, out_dir: Path, *,
-               calibrate_seconds: float = 0.0, resume: bool = False, progress: bool = True) -> list[Run]:
-    """Build ``method``'s adapter on a fresh model, train it, evaluate it, save it; returns its
-    report rows (one, plus one per scale under ``scale_sweep``). Writes under ``out_dir/<method>``:
-    ``init/`` (save_corda at init: residual + adapter), ``adapter/`` (trained, loads on
-    ``init/residual``), ``lora/`` (plain LoRA for the original base), ``train_log.jsonl``,
-    ``checkpoints/`` and ``runs.json`` (this method's rows; ``resume`` reuses it)."""
-    cfg = recipe.cfg
-    out = Path(out_dir) / method.replace("+", "p")
+def cached_scores(path: Path, evaluate: Callable[[], Scores], *, resume: bool) -> Scores:
+    """``evaluate()``, kept in ``path`` (JSON lines, item by item) so that ``--resume`` does not
+    evaluate again."""
+    if resume and path.is_file():
+        return read_items(path)
+    def evaluate_and_keep() -> Scores:
+        scores = evaluate()
+        write_items(path, scores)
+        return scores
+
+    return on_main(evaluate_and_keep)  # once, on the main process
+
+
+def _build(recipe: Recipe, setting: Setting, stores: dict[int, tuple[Path, float]], progress: bool):
+    """A fresh model with ``setting.method``'s adapter, seeded (lora's random A, eva's sample)."""
+    import torch
+
+    cfg, method = recipe.cfg, setting.method
+    torch.manual_seed(setting.seed)
+    model = recipe.load_model()
+    if is_baseline(method):
+        batches = recipe.calibration(setting.seed) if _needs_batches(method) else None
+        return build_baseline(model, method, cfg.corda_config(method), batches, mode=cfg.mode, progress=progress)
+    store = None
+    if _needs_store(method):
+        if setting.seed not in stores:
+            raise CordaError(f"{method} needs the calibration of seed {setting.seed}; run calibrate_seeds first.")
+        store = CovarianceStore.load(stores[setting.seed][0], model=model)
+    return build_corda(model, store, cfg.corda_config(method), progress=progress)
+
+
+def _score(before: Scores, after: Scores, name: str) -> Score:
+    return Score(after[name].metric, before[name].value, after[name].value)
+
+
+def run_method(recipe: Recipe, setting: Setting, stores: dict[int, tuple[Path, float]], before: Scores,
+               out_dir: Path, *, resume: bool = False, progress: bool = True) -> list[Run]:
+    """Build ``setting``'s adapter on a fresh model, train it, evaluate it, save it; returns its
+    report rows (one, plus one per scale under ``scale_sweep``). Writes under
+    ``out_dir/runs/<setting.path>``: ``items.jsonl`` (every benchmark item by item;
+    ``items_scale<t>.jsonl`` per sweep point), ``train_log.jsonl``, ``checkpoints/``,
+    ``runs.json`` (``resume`` reuses it) and, with ``save_adapters``, ``init/`` (save_corda at
+    init), ``adapter/`` (trained, loads on ``init/residual``) and ``lora/`` (plain LoRA for the
+    original base)."""
+    cfg, method = recipe.cfg, setting.method
+    out = Path(out_dir) / "runs" / setting.path
     done = out / "runs.json"
     if resume and done.is_file():
         return [run_from_dict(d) for d in json.loads(done.read_text())]
-    import torch
-
-    torch.manual_seed(cfg.seed)  # lora's random A
-    seconds = {"calibrate": calibrate_seconds} if _needs_store(method) else {}
+    seconds = {"calibrate": stores[setting.seed][1]} if _needs_store(method) else {}
     t0 = time.perf_counter()
-    peft_model = build_corda(recipe.load_model(), store if _needs_store(method) else None,
-                             cfg.corda_config(method), progress=progress)
+    peft_model = _build(recipe, setting, stores, progress)
     seconds["build"] = time.perf_counter() - t0
     # several processes: all build and train; the main one evaluates and writes (on_main)
-    on_main(lambda: save_corda(peft_model, out / "init", tokenizer=recipe.save_with, overwrite=True))
+    if cfg.save_adapters:
+        on_main(lambda: save_corda(peft_model, out / "init", tokenizer=recipe.save_with, overwrite=True))
     initial = initial_factors(peft_model)
     record = build_record(peft_model)
     budget = record.budget["budget"] if record is not None and record.budget else None
     trainable = sum(p.numel() for p in trainable_parameters(peft_model).values())
     fingerprint = {"method": method, "rank": cfg.rank, "budget": budget, "trainable": trainable}
-    result = train(peft_model, recipe.rows, recipe.loss_fn, cfg.train_config(), out, resume=resume,
-                   fingerprint=fingerprint, progress=progress)
+    curve: dict[int, float] = {}
+
+    def score_task(step: int) -> None:  # the convergence curve (task_eval_every)
+        if cfg.task_eval_every and step % cfg.task_eval_every == 0 and step < cfg.steps:
+            peft_model.eval()
+            curve[step] = on_main(lambda: recipe.benchmarks[recipe.task](peft_model).value)
+            peft_model.train()
+
+    train_config = replace(cfg.train_config(), lr=setting.lr, weight_decay=setting.weight_decay, seed=setting.seed)
+    result = train(peft_model, recipe.rows, recipe.loss_fn, train_config, out, resume=resume,
+                   fingerprint=fingerprint, progress=progress, on_step=score_task)
     seconds["train"] = result.seconds
+    update = update_size(peft_model, initial)
     t0 = time.perf_counter()
     after = on_main(lambda: recipe.evaluate(peft_model))
     seconds["eval"] = time.perf_counter() - t0
+    if cfg.task_eval_every:
+        curve[cfg.steps] = after[recipe.task].value
+
     def save_trained():
-        with atomic_dir(out / "adapter", overwrite=True) as tmp:
-            peft_model.save_pretrained(tmp)
-        export_lora(peft_model, out / "init" / "adapter", out / "lora", overwrite=True)
+        write_items(out / "items.jsonl", after)
+        if cfg.save_adapters:
+            with atomic_dir(out / "adapter", overwrite=True) as tmp:
+                peft_model.save_pretrained(tmp)
+            export_lora(peft_model, out / "init" / "adapter", out / "lora", overwrite=True)
 
     on_main(save_trained)
-    runs = [_run(recipe, method, trainable, budget, before, after, seconds)]
+
+    def row(scores: Scores, secs: dict, scale: float | None = None) -> Run:
+        return Run(method=method, mode=cfg.mode if _needs_store(method) or method == "peft-corda" else None,
+                   rank=None if budget is not None else cfg.rank, budget=budget, trainable_params=trainable,
+                   task_name=recipe.task, task=_score(before, scores, recipe.task),
+                   retention={k: _score(before, scores, k) for k in scores if k != recipe.task}, seconds=secs,
+                   scale=scale, seed=setting.seed, lr=setting.lr, weight_decay=setting.weight_decay,
+                   update=update if scale is None else None, losses=result.losses if scale is None else None,
+                   task_curve=dict(curve) if curve and scale is None else None)
+
+    runs = [row(after, seconds)]
     for t in cfg.scales if cfg.scale_sweep else []:
-        with adapter_scale(peft_model, initial, t):
-            scores = on_main(lambda: recipe.evaluate(peft_model))
-        runs.append(_run(recipe, method, trainable, budget, before, scores, {}, scale=t))
+        if t == 0:  # scale 0 is the original model: its scores are the base model's
+            scores = before
+        else:
+            with adapter_scale(peft_model, initial, t):
+                scores = on_main(lambda: recipe.evaluate(peft_model))
+        on_main(lambda: write_items(out / f"items_scale{t:g}.jsonl", scores))
+        runs.append(row(scores, {}, scale=t))
+
     def keep_runs():
         with atomic_file(done) as tmp:
             tmp.write_text(json.dumps([run_to_dict(r) for r in runs], indent=2))
 
     on_main(keep_runs)
+    if not cfg.save_adapters:  # a finished run needs no checkpoint to resume from
+        on_main(lambda: shutil.rmtree(out / "checkpoints", ignore_errors=True))
     return runs
 
 
-def print_plans(model, cfg: RecipeConfig, store: CovarianceStore | None) -> None:
-    """--dry-run: what each method would adapt (module, rank, covariance), nothing built."""
+def print_plans(recipe: Recipe, model) -> None:
+    """--dry-run: what each method would adapt (module, rank, covariance), nothing built; the
+    covariances are those of the first seed (collected, not saved)."""
     from corda_vl.plan import plan
 
+    cfg = recipe.cfg
+    store = None
+    if recipe.calibration is not None and any(_needs_store(m) for m in cfg.methods):
+        store, _ = calibrated_store(Path(os.devnull), model, lambda: recipe.calibration(run_seeds(cfg)[0]),
+                                    resume=False, cfg=cfg, save=False)
     for method in cfg.methods:
-        print(f"\n== {method} ==\n{plan(model, cfg.corda_config(method), store)}")
+        print(f"\n== {method} ==\n{plan(model, cfg.corda_config(method), store if _needs_store(method) else None)}")
 
 
-def base_scores(evaluate: Callable[[Any], Scores], model, out_dir: Path, *, resume: bool) -> Scores:
-    """The base model's scores, once for every method (kept in before.json for --resume)."""
+def base_scores(recipe: Recipe, model, out_dir: Path, *, resume: bool) -> Scores:
+    """The base model's scores item by item, once for every run (kept in before_items.jsonl for
+    --resume): no adapter, no seed, so they cannot differ between runs."""
     t0 = time.perf_counter()
-    before = cached_scores(Path(out_dir) / "before.json", lambda: evaluate(model), resume=resume)
+    before = cached_scores(Path(out_dir) / "before_items.jsonl", lambda: recipe.evaluate(model), resume=resume)
     print(f"base model ({time.perf_counter() - t0:.0f} s): "
-          + ", ".join(f"{k} {metric} {value:.3g}" for k, (metric, value) in before.items()))
+          + ", ".join(f"{k} {s.metric} {s.value:.3g} ({len(s.values)} items)" for k, s in before.items()))
     return before
 
 
-def compare_methods(recipe: Recipe, store: CovarianceStore | None, before: Scores, out_dir: Path, *,
-                    calibrate_seconds: float = 0.0, resume: bool = False) -> list[Run]:
-    """:func:`run_method` for every method of the config, then the report, config.json (the
-    settings behind its numbers) and a printed table."""
+def compare_methods(recipe: Recipe, stores: dict[int, tuple[Path, float]], before: Scores, out_dir: Path, *,
+                    resume: bool = False) -> list[Run]:
+    """:func:`run_method` for every setting of the grid, then the report (every run), the study
+    (means over seeds with intervals, paired differences, trade-off frontiers), config.json (the
+    settings behind the numbers) and a printed table."""
     runs = []
-    for method in recipe.cfg.methods:
-        print(f"\n== {method} ==")
-        new = run_method(recipe, method, store, before, out_dir, calibrate_seconds=calibrate_seconds, resume=resume)
+    grid = settings(recipe.cfg)
+    for i, setting in enumerate(grid, 1):
+        print(f"\n== [{i}/{len(grid)}] {setting.method} lr {setting.lr:g} wd {setting.weight_decay:g} "
+              f"seed {setting.seed} ==")
+        new = run_method(recipe, setting, stores, before, out_dir, resume=resume)
         print(", ".join(f"{stage} {s:.0f} s" for stage, s in new[0].seconds.items()))
         runs += new
     from corda_vl.lab.report import write_report
+    from corda_vl.lab.study import write_study
 
     if not is_main_process():
         return runs
@@ -236,8 +360,9 @@ def compare_methods(recipe: Recipe, store: CovarianceStore | None, before: Score
     paths["config"] = Path(out_dir) / "config.json"
     with atomic_file(paths["config"]) as tmp:
         tmp.write_text(json.dumps(recipe.cfg.to_dict(), indent=2) + "\n")
+    paths.update(write_study(out_dir))
     print("\n" + results_table(runs))
-    print(f"\nwrote {', '.join(str(p) for p in paths.values())}; adapters under {out_dir}/<method>/")
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}; runs under {out_dir}/runs/")
     return runs
 
 
@@ -246,10 +371,11 @@ def results_table(runs: list[Run]) -> str:
     from corda_vl.lab.report import format_score
 
     names = list(dict.fromkeys(k for r in runs for k in r.retention))
-    head = ["method", "scale", "trainable", f"task ({runs[0].task_name})"] + names
+    head = ["method", "seed", "scale", "trainable", f"task ({runs[0].task_name})"] + names
     lines = [head]
     for r in runs:
-        lines.append([r.label, "" if r.scale is None else f"{r.scale:g}", f"{r.trainable_params:,}",
+        lines.append([r.arm, "" if r.seed is None else r.seed, "" if r.scale is None else f"{r.scale:g}",
+                      f"{r.trainable_params:,}",
                       format_score(r.task)] + [format_score(r.retention[n]) if n in r.retention else "" for n in names])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines)

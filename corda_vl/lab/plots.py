@@ -119,3 +119,70 @@ def plot_retention(points: list[Point], path: str | os.PathLike, title: str = ""
     fig.savefig(path, dpi=110, format="png")  # explicit: atomic writers hand us a *.tmp path
     plt.close(fig)
     return drawn
+
+
+def _method_arms(result: dict) -> dict[str, list[dict]]:
+    """The arms of a study result grouped by method, in the order their frontier indices use."""
+    out: dict[str, list[dict]] = {}
+    for arm in result["arms"].values():
+        out.setdefault(arm["method"], []).append(arm)
+    return out
+
+
+def _errorbar(ax, xs: list[dict], ys: list[dict], x_scale: float, **kwargs):
+    x = [d["estimate"] * x_scale for d in xs]
+    y = [d["estimate"] for d in ys]
+    xerr = [[max(0.0, (d["estimate"] - d["low"]) * x_scale) for d in xs],
+            [max(0.0, (d["high"] - d["estimate"]) * x_scale) for d in xs]]
+    yerr = [[max(0.0, d["estimate"] - d["low"]) for d in ys], [max(0.0, d["high"] - d["estimate"]) for d in ys]]
+    return ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=2, markersize=4, elinewidth=0.8, **kwargs)
+
+
+def plot_frontiers(result: dict, path: str | os.PathLike, *, title: str) -> None:
+    """Task score (x) against mean relative retention (y) for every arm of a study, with 95 %
+    interval bars on both axes, and each method's Pareto frontier as a line: up and to the
+    right is better, and a method whose line lies above another's keeps more at the same task
+    score."""
+    plt = _pyplot()
+    task = result["task"]
+    x_scale = 1.0 if result["metrics"][task] in ("perplexity", "ce") else 100.0
+    fig, ax = plt.subplots(figsize=(7.0, 4.8))
+    colours = plt.get_cmap("tab10")
+    for i, (method, arms) in enumerate(_method_arms(result).items()):
+        colour = colours(i % 10)
+        _errorbar(ax, [a["scores"][task] for a in arms], [a["scores"]["retention"] for a in arms], x_scale,
+                  color=colour, label=method, alpha=0.85)
+        front = result["frontiers"][method]["frontier"]
+        pts = result["frontiers"][method]["points"]
+        ax.plot([pts[j][0] * x_scale for j in front], [pts[j][1] for j in front], "-", color=colour, linewidth=1.2)
+    ax.axhline(1.0, color="grey", linewidth=0.6, linestyle=":")
+    seeds = len(result["seeds"])
+    ax.set_xlabel(f"task: {task} ({result['metrics'][task]}{', %' if x_scale == 100 else ''}), mean of {seeds} seeds")
+    ax.set_ylabel("retention: mean of after / before\nover " + ", ".join(result["retention"]))
+    ax.set_title(f"{title}: task vs retention per learning rate (bars: 95 % intervals; lines: frontiers)", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def plot_update_size(result: dict, path: str | os.PathLike, *, title: str) -> None:
+    """Retention (y, with its interval) against the relative update size ||ΔW||_F / ||W||_F (x) of
+    every trained arm: how much of the forgetting the size of the update alone explains."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colours = plt.get_cmap("tab10")
+    for i, (method, arms) in enumerate(_method_arms(result).items()):
+        arms = [a for a in arms if a["update_relative"] is not None and a["scale"] is None]
+        if arms:
+            ys = [a["scores"]["retention"] for a in arms]
+            xs = [{"estimate": a["update_relative"], "low": a["update_relative"], "high": a["update_relative"]}
+                  for a in arms]
+            _errorbar(ax, xs, ys, 1.0, color=colours(i % 10), label=method)
+    ax.set_xlabel("relative update size ‖ΔW‖_F / ‖W‖_F over the adapted layers (mean over seeds)")
+    ax.set_ylabel("retention: mean of after / before")
+    ax.set_title(f"{title}: retention against update size", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)

@@ -25,6 +25,7 @@ import yaml
 
 from corda_vl.config import CordaConfig, help_field
 from corda_vl.errors import CordaError
+from corda_vl.lab.baselines import BASELINES
 from corda_vl.lab.resources import merge_overrides
 from corda_vl.lab.training import TrainConfig
 from corda_vl.methods import get_method, method_names
@@ -104,7 +105,27 @@ class RecipeConfig:
     checkpoint_every: int = _train_field("checkpoint_every")
     keep_checkpoints: int = _train_field("keep_checkpoints")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _train_field("mixed_precision")
-    seed: int = _train_field("seed", "Seeds the data order, the generated data, the subsamples and LoRA's init.")
+    seed: int = _train_field(
+        "seed", "Seeds the generated data and the evaluation subsamples (the same items for every run), and is the "
+        "run seed when seeds is None.")
+    seeds: list[int] | None = help_field(
+        "Run every method once per seed: each changes the training order, the random parts of the init and the "
+        "calibration sample; the evaluation items stay the same, so methods are compared item by item. "
+        "None: [seed].", default=None)
+    lrs: list[float] | None = help_field(
+        "Learning rates of the trade-off curve: every method of lr_methods runs at each (the others at lr). "
+        "None: [lr].", default=None)
+    lr_methods: list[str] | None = help_field(
+        "Methods that run at every rate of lrs. None: every method.", default=None)
+    lora_weight_decays: list[float] = help_field(
+        "lora also runs, at lr, with each of these AdamW weight decays: the 'LoRA + weight decay' baseline.",
+        default_factory=list)
+    save_adapters: bool = help_field(
+        "Save each run's adapter at init, trained, and exported as plain LoRA (a study of many runs may turn "
+        "this off to save disk).", default=True)
+    task_eval_every: int = help_field(
+        "Also score the task every N training steps (0: only at the end); the study's convergence steps read "
+        "these scores.", default=0)
     eval_batch_size: int = help_field("Rows per evaluation batch.", default=32)
     threads: int | None = help_field(
         "torch CPU threads. None: torch's default (all cores); 1 avoids OpenMP spin-waits for small models "
@@ -125,11 +146,14 @@ class RecipeConfig:
                                  f"or with {_flag(f.name)}.")
         if not self.methods:
             raise CordaError("methods is empty: name at least one, e.g. --methods lora,corda.")
-        unknown = [m for m in self.methods if m not in method_names()]
+        choices = (*method_names(), *BASELINES)
+        unknown = [m for m in [*self.methods, *(self.lr_methods or [])] if m not in choices]
         if unknown:
-            raise CordaError(f"unknown method(s) {unknown}: choose one or more of {', '.join(method_names())} "
+            raise CordaError(f"unknown method(s) {unknown}: choose one or more of {', '.join(choices)} "
                              "(e.g. --methods lora,corda,corda++), or register a new one with "
                              "corda_vl.methods.register_method.")
+        if len(set(self.seeds or [])) != len(self.seeds or []) or len(set(self.lrs or [])) != len(self.lrs or []):
+            raise CordaError(f"seeds {self.seeds} and lrs {self.lrs} must not repeat a value.")
         known = {f.name for f in fields(CordaConfig)}
         for key in ("corda", "cordapp"):
             bad = sorted(set(getattr(self, key)) - known)
@@ -171,7 +195,9 @@ class RecipeConfig:
 
     def corda_config(self, method: str) -> CordaConfig:
         """The CordaConfig of ``method``: the same targets, rank and scaling for every method, so
-        only the initialisation differs."""
+        only the initialisation differs. A PEFT baseline (peft-corda, eva, mica) gets lora's."""
+        if method in BASELINES:
+            method = "lora"
         kwargs: dict[str, Any] = dict(
             method=method, r=self.rank, alpha=self.alpha, groups=self.groups, target_modules=self.target_modules,
             exclude_modules=self.exclude_modules, group_ranks=dict(self.group_ranks))
@@ -184,11 +210,27 @@ class RecipeConfig:
 
 
 @dataclass(kw_only=True)
-class LlamaRecipeConfig(RecipeConfig):
-    """``recipes/llama_kpm.py``: a generated skill to learn; capitals and fact texts to keep."""
+class LanguageRecipeConfig(RecipeConfig):
+    """What the recipes with a language model keep: capitals asked few-shot, and the general-text
+    cross-entropy (the forgetting metric of PEFT's own benchmark)."""
 
     capital_questions: int = help_field("Held-out countries whose capital is asked (retention 'capitals').")
     capital_shots: int = help_field("Solved capital questions shown before each one.")
+    knowledge_fields: list[str] = help_field(
+        "Country facts asked of the held-out countries besides the capital (retention 'knowledge'), e.g. "
+        "[region]; each field is shown its own solved examples.", default_factory=list)
+    general_texts: int = help_field(
+        "Paragraphs of general text scored by cross-entropy (retention 'general'); never used to calibrate.",
+        default=200)
+    general_text_file: str | None = help_field(
+        "A text file of your own for 'general' (paragraphs separated by blank lines). None: English prose of "
+        "the Python language reference, which ships with Python (corda_vl.lab.data.general_texts).", default=None)
+
+
+@dataclass(kw_only=True)
+class LlamaRecipeConfig(LanguageRecipeConfig):
+    """``recipes/llama_kpm.py``: a generated skill to learn; capitals, fact texts and general text to keep."""
+
     fact_texts: int = help_field("Fact paragraphs of the held-out countries scored by perplexity ('facts').")
 
 
@@ -206,14 +248,13 @@ class ClipRecipeConfig(RecipeConfig):
 
 
 @dataclass(kw_only=True)
-class LlavaRecipeConfig(RecipeConfig):
-    """``recipes/llava_kpm.py``: a visual question type to learn; easy-VQA and capitals to keep."""
+class LlavaRecipeConfig(LanguageRecipeConfig):
+    """``recipes/llava_kpm.py``: a visual question type to learn; easy-VQA, capitals and general text
+    (text only, through the same model) to keep."""
 
     template: str = help_field("The model's prompt format; {question} stands for the question.")
     vqa_questions: int = help_field("Held-out easy-VQA questions (retention 'easy_vqa').")
     vqa_new_tokens: int = help_field("Most tokens generated per VQA answer.")
-    capital_questions: int = help_field("Held-out countries whose capital is asked (retention 'capitals').")
-    capital_shots: int = help_field("Solved capital questions shown before each one.")
 
 
 # --- command-line flags: one per field ----------------------------------------------------------

@@ -18,8 +18,13 @@ LLaVA or LLaMA) can be read by the same scripts and looks the same to a reader.
           "task": {"name": str, "metric": str, "before": float | null, "after": float | null},
           "retention": {NAME: {"metric": str, "before": float | null, "after": float | null}},
           "seconds": {STAGE: float},      # e.g. {"calibrate": 3.1, "build": 0.4, "train": 55.0}
-          "scale": float                  # only on adapter-scale sweep points (WiSE-style: the
-        }                                 #   same trained adapter evaluated at scale 0 ... 1)
+          "scale": float,                 # only on adapter-scale sweep points (WiSE-style: the
+                                          #   same trained adapter evaluated at scale 0 ... 1)
+          "seed": int, "lr": float, "weight_decay": float,   # optional: the run's training settings
+          "update": {"fro": float, "relative": float},     # optional: ||ΔW||_F against the original base
+          "losses": [float],              # optional: training loss per step
+          "task_curve": {STEP: float}     # optional: task score every task_eval_every steps
+        }
       ]
     }
 
@@ -44,6 +49,7 @@ from corda_vl.lab.plots import Point, plot_retention
 from corda_vl.lab.eval.metrics import average_retention, lower_is_better, relative_retention as metric_retention
 
 RUN_KEYS = ("method", "mode", "trainable_params", "task", "retention", "seconds")
+OPTIONAL_RUN_KEYS = ("seed", "lr", "weight_decay", "update", "losses", "task_curve")
 TASK_KEYS = ("name", "metric", "before", "after")
 SCORE_KEYS = ("metric", "before", "after")
 
@@ -93,6 +99,16 @@ class Run:
         "0 ... 1); None for an ordinary run.",
         default=None,
     )
+    seed: int | None = help_field("Seed of the run (training order, random init, calibration sample).", default=None)
+    lr: float | None = help_field("Peak learning rate the adapter was trained with.", default=None)
+    weight_decay: float | None = help_field("AdamW weight decay the adapter was trained with.", default=None)
+    update: dict[str, float] | None = help_field(
+        "{'fro': ||ΔW||_F, 'relative': ||ΔW||_F / ||W||_F} over the adapted layers, trained against the "
+        "original base (corda_vl.lab.interpolation.update_size).", default=None)
+    losses: list[float] | None = help_field("Training loss of every step.", default=None)
+    task_curve: dict[int, float] | None = help_field(
+        "{step: task score} measured during training (task_eval_every); the last entry is the final score.",
+        default=None)
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not self.method:
@@ -122,6 +138,12 @@ class Run:
             if not _is_number(self.scale) or not math.isfinite(self.scale):
                 raise CordaError(f"{self.method}: Run.scale must be a finite number or None, got {self.scale!r}.")
             self.scale = float(self.scale)
+        if self.seed is not None and not _is_int(self.seed):
+            raise CordaError(f"{self.method}: Run.seed must be an int or None, got {self.seed!r}.")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or value < 0):
+                raise CordaError(f"{self.method}: Run.{name} must be a non-negative number or None, got {value!r}.")
 
     @property
     def label(self) -> str:
@@ -129,6 +151,17 @@ class Run:
         parts = [self.method] + ([self.mode] if self.mode else [])
         if self.budget is not None or self.rank is not None:
             parts.append(_size(self))
+        return " ".join(parts)
+
+    @property
+    def arm(self) -> str:
+        """The configuration without the seed: label, learning rate and weight decay, e.g.
+        'lora r8 lr 0.001 wd 0.1'. Runs of one arm differ only by seed."""
+        parts = [self.label]
+        if self.lr is not None:
+            parts.append(f"lr {self.lr:g}")
+        if self.weight_decay:
+            parts.append(f"wd {self.weight_decay:g}")
         return " ".join(parts)
 
 
@@ -182,6 +215,10 @@ def run_to_dict(run: Run) -> dict[str, Any]:
     out["seconds"] = dict(run.seconds)
     if run.scale is not None:
         out["scale"] = run.scale
+    for key in OPTIONAL_RUN_KEYS:
+        value = getattr(run, key)
+        if value is not None:
+            out[key] = {str(k): v for k, v in value.items()} if key == "task_curve" else value
     return out
 
 
@@ -216,7 +253,7 @@ def _score_from_dict(obj: Any, where: str, keys: tuple[str, ...] = SCORE_KEYS) -
 
 def run_from_dict(obj: Any, where: str = "run") -> Run:
     """Parse and validate one run of results.json; CordaError naming ``where`` if malformed."""
-    obj = _check_keys(obj, RUN_KEYS, ("rank", "budget", "scale"), where)
+    obj = _check_keys(obj, RUN_KEYS, ("rank", "budget", "scale", *OPTIONAL_RUN_KEYS), where)
     if ("rank" in obj) == ("budget" in obj):
         raise CordaError(f"{where}: needs exactly one of 'rank' and 'budget'.")
     task_score = _score_from_dict(obj["task"], f"{where}.task", TASK_KEYS)  # checks the keys too
@@ -228,7 +265,10 @@ def run_from_dict(obj: Any, where: str = "run") -> Run:
     try:
         return Run(method=obj["method"], mode=obj["mode"], rank=obj.get("rank"), budget=obj.get("budget"),
                    trainable_params=obj["trainable_params"], task_name=obj["task"]["name"], task=task_score,
-                   retention=scores, seconds=obj["seconds"], scale=obj.get("scale"))
+                   retention=scores, seconds=obj["seconds"], scale=obj.get("scale"), seed=obj.get("seed"),
+                   lr=obj.get("lr"), weight_decay=obj.get("weight_decay"), update=obj.get("update"),
+                   losses=obj.get("losses"),
+                   task_curve={int(k): v for k, v in obj["task_curve"].items()} if obj.get("task_curve") else None)
     except CordaError as exc:
         raise CordaError(f"{where}: {exc}") from None
 

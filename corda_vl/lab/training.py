@@ -191,7 +191,7 @@ def _log_lines(path: Path, keep_below: int) -> list[str]:
 
 def train(model: nn.Module, rows: Sequence[Any], loss_fn: Callable[[nn.Module, list[Any]], torch.Tensor],
           config: TrainConfig, out_dir: str | Path, *, resume: bool = False, fingerprint: dict | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Fine-tune ``model``'s trainable parameters on ``rows`` for ``config.steps`` AdamW steps.
 
     Under ``accelerate launch`` / ``torchrun`` each process computes the gradient of its share of
@@ -204,6 +204,8 @@ def train(model: nn.Module, rows: Sequence[Any], loss_fn: Callable[[nn.Module, l
     ``out_dir/train_log.jsonl`` (one line per step: step, loss, lr, seconds) and checkpoints under
     ``out_dir/checkpoints``; ``resume=True`` continues from the newest checkpoint there (a
     ``fingerprint`` dict, e.g. method and rank, must match the one it was written with).
+    ``on_step(steps_done)`` runs after every optimiser step, on every process (e.g. to score the
+    task along the way; it must leave the model in train mode).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -270,6 +272,8 @@ def train(model: nn.Module, rows: Sequence[Any], loss_fn: Callable[[nn.Module, l
         log.append(json.dumps({"step": step, "loss": total, "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}))
         bar.set_postfix(loss=f"{total:.3f}")
         done = step + 1
+        if on_step is not None:
+            on_step(done)
         if accelerator.is_main_process and (done == config.steps or
                                              (config.checkpoint_every and done % config.checkpoint_every == 0)):
             log_path.write_text("\n".join(log) + "\n")

@@ -1,7 +1,6 @@
 """Recipe plumbing: YAML + smoke section + flags into the typed config, the CordaConfig of each
 method, and one method's run from build to report rows (on a tiny LLaMA, seconds)."""
 
-import json
 
 import pytest
 import torch
@@ -9,8 +8,9 @@ from conftest import VOCAB, text_batches, tiny_llama
 from peft import PeftModel
 from transformers import LlamaForCausalLM
 
-from corda_vl import CordaError, collect_covariances, load_results, write_report
-from corda_vl.lab.experiment import Recipe, parse_recipe, results_table, run_method
+from corda_vl import CordaError, load_results, write_report
+from corda_vl.lab.eval.scores import ItemScores, read_items, token_nll
+from corda_vl.lab.experiment import Recipe, Setting, calibrate_seeds, parse_recipe, results_table, run_method, settings
 from corda_vl.lab.recipe_config import RecipeConfig
 
 YAML = """
@@ -82,13 +82,20 @@ def loss_fn(model, rows):
     return model(input_ids=ids, labels=ids).loss
 
 
-def evaluate(model):
-    """A task score (negative loss on the training rows) and a retention score (perplexity of other text)."""
+def fit(model):
+    """Task: per training row, the negative loss (higher is better)."""
     with torch.no_grad():
-        task = -loss_fn(model, ROWS).item()
-        other = text_batches()[0]
-        ppl = torch.exp(model(**other, labels=other["input_ids"]).loss).item()
-    return {"fit": ("neg_loss", task), "text": ("perplexity", ppl)}
+        return ItemScores("neg_loss", [-loss_fn(model, [r]).item() for r in ROWS])
+
+
+def text(model):
+    """Retention: per text of another batch, its mean NLL per token, as a perplexity."""
+    other = text_batches()[0]
+    with torch.no_grad():
+        logits = model(**other).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), other["input_ids"][:, 1:], reduction="none")
+    mask = other["attention_mask"][:, 1:].float()
+    return token_nll("perplexity", ((nll * mask).sum(1) / mask.sum(1)).tolist(), mask.sum(1).tolist())
 
 
 def recipe(**overrides):
@@ -97,42 +104,83 @@ def recipe(**overrides):
                     seed=0, steps=4, batch_size=2, lr=0.05, warmup_steps=1, checkpoint_every=2, mixed_precision="no",
                     scale_sweep=True, scales=[0.0, 1.0])
     cfg = RecipeConfig(**{**settings, **overrides})
-    return Recipe("demo", cfg, tiny_llama, ROWS, loss_fn, evaluate, "fit")
+    return Recipe("demo", cfg, tiny_llama, ROWS, loss_fn, {"fit": fit, "text": text}, "fit",
+                  calibration=lambda seed: text_batches())
+
+
+def stores_for(r, tmp_path):
+    return calibrate_seeds(r, tiny_llama(), tmp_path, resume=False)
 
 
 @pytest.mark.parametrize("method", ["lora", "corda", "corda++"])
 def test_run_method_trains_evaluates_saves_and_sweeps(method, tmp_path):
-    store = collect_covariances(tiny_llama(), text_batches(), splits=2, progress=False)
-    before = evaluate(tiny_llama())
-    runs = run_method(recipe(), method, store, before, tmp_path, progress=False)
+    r = recipe(methods=[method], calib_splits=2)
+    before = r.evaluate(tiny_llama())
+    setting = Setting(method, 0.05, 0.0, 0)
+    runs = run_method(r, setting, stores_for(r, tmp_path), before, tmp_path, progress=False)
     run, at0, at1 = runs
     assert run.scale is None and (at0.scale, at1.scale) == (0.0, 1.0)
     assert run.task.after > run.task.before  # it learned
-    assert at0.task.after == pytest.approx(run.task.before, abs=1e-4)  # scale 0: the original model
+    assert at0.task.after == run.task.before  # scale 0: the original model, its scores reused
     assert at1.task.after == pytest.approx(run.task.after, abs=1e-5)
     assert (run.rank, run.budget) == ((None, run.budget) if method == "corda++" else (2, None))
     assert run.mode == (None if method == "lora" else "kpm")
-    out = tmp_path / method.replace("+", "p")
-    assert {p.name for p in out.iterdir()} >= {"init", "adapter", "lora", "checkpoints", "train_log.jsonl", "runs.json"}
+    assert (run.seed, run.lr, run.weight_decay) == (0, 0.05, 0.0) and len(run.losses) == 4
+    assert run.update["fro"] > 0 and 0 < run.update["relative"] < 1
+    out = tmp_path / "runs" / setting.path
+    assert {p.name for p in out.iterdir()} >= {"init", "adapter", "lora", "checkpoints", "train_log.jsonl", "runs.json",
+                                               "items.jsonl", "items_scale1.jsonl"}
+    items = read_items(out / "items.jsonl")
+    assert items["fit"].value == pytest.approx(run.task.after) and len(items["text"].values) == 4
     # the trained adapter loads with stock PEFT on the saved residual and scores what the run reported
     stock = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(out / "init" / "residual"), out / "adapter")
-    assert evaluate(stock)["fit"][1] == pytest.approx(run.task.after, abs=1e-5)
+    assert fit(stock).value == pytest.approx(run.task.after, abs=1e-5)
     # the exported plain LoRA does the same on the ORIGINAL base
     plain = PeftModel.from_pretrained(tiny_llama(), out / "lora")
-    assert evaluate(plain)["fit"][1] == pytest.approx(run.task.after, abs=1e-4)
-    again = run_method(recipe(), method, store, before, tmp_path, resume=True, progress=False)
-    assert again == runs  # a finished method is read back, not rerun
+    assert fit(plain).value == pytest.approx(run.task.after, abs=1e-4)
+    again = run_method(r, setting, {}, before, tmp_path, resume=True, progress=False)
+    assert again == runs  # a finished run is read back, not rerun
     paths = write_report(tmp_path, "demo", "tiny", runs)
     assert load_results(paths["results"])[2] == runs
-    assert "scale" in results_table(runs) and run.label in results_table(runs)
+    assert "scale" in results_table(runs) and run.arm in results_table(runs)
 
 
-def test_same_settings_give_the_same_numbers(tmp_path):
-    store = collect_covariances(tiny_llama(), text_batches(), progress=False)
-    before = evaluate(tiny_llama())
-    a = run_method(recipe(scale_sweep=False), "corda", store, before, tmp_path / "a", progress=False)
-    b = run_method(recipe(scale_sweep=False), "corda", store, before, tmp_path / "b", progress=False)
-    assert a[0].task == b[0].task and a[0].retention == b[0].retention
-    log_a = [json.loads(x)["loss"] for x in (tmp_path / "a" / "corda" / "train_log.jsonl").read_text().splitlines()]
-    log_b = [json.loads(x)["loss"] for x in (tmp_path / "b" / "corda" / "train_log.jsonl").read_text().splitlines()]
-    assert log_a == log_b
+def test_a_repeated_seed_gives_identical_results_and_another_seed_does_not(tmp_path):
+    r = recipe(scale_sweep=False, seeds=[0, 1], methods=["lora", "corda"])
+    stores = stores_for(r, tmp_path)
+    before = r.evaluate(tiny_llama())
+    a = run_method(r, Setting("corda", 0.05, 0.0, 0), stores, before, tmp_path / "a", progress=False)
+    b = run_method(r, Setting("corda", 0.05, 0.0, 0), stores, before, tmp_path / "b", progress=False)
+    c = run_method(r, Setting("corda", 0.05, 0.0, 1), stores, before, tmp_path / "c", progress=False)
+    assert a[0].task == b[0].task and a[0].retention == b[0].retention and a[0].losses == b[0].losses
+    assert read_items(tmp_path / "a/runs/corda/lr0.05_wd0/seed0/items.jsonl") == \
+        read_items(tmp_path / "b/runs/corda/lr0.05_wd0/seed0/items.jsonl")
+    assert c[0].losses != a[0].losses  # the seed changes the training order
+
+
+def test_the_grid_is_seeds_by_methods_by_rates(tmp_path):
+    cfg = recipe(seeds=[3, 4], methods=["lora", "corda", "pissa"], lrs=[0.01, 0.02], lr_methods=["lora", "corda"],
+                 lora_weight_decays=[0.1]).cfg
+    grid = settings(cfg)
+    assert len(grid) == 2 * (2 + 1 + 2 + 1)  # lora 2 rates + wd, corda 2 rates, pissa at lr
+    assert grid[0] == Setting("lora", 0.01, 0.0, 3) and {s.seed for s in grid[:6]} == {3}
+    assert Setting("lora", 0.05, 0.1, 4) in grid and Setting("pissa", 0.05, 0.0, 4) in grid
+    assert len({s.path for s in grid}) == len(grid)
+    assert settings(recipe().cfg) == [Setting(m, 0.05, 0.0, 0) for m in ("lora", "corda", "corda++")]
+
+
+@pytest.mark.parametrize("method", ["peft-corda", "eva", "mica"])
+def test_peft_baselines_run_through_the_methods_flag(method, config_file, tmp_path):
+    _, parsed = parse_recipe("doc", config_file, ["--methods", f"lora,{method}"])
+    assert parsed.methods == ["lora", method] and parsed.corda_config(method).method == "lora"  # lora's targets
+    r = recipe(methods=["lora", method], scale_sweep=False, steps=2)
+    before = r.evaluate(tiny_llama())
+    (run,) = run_method(r, Setting(method, 0.05, 0.0, 0), {}, before, tmp_path, progress=False)
+    (lora,) = run_method(r, Setting("lora", 0.05, 0.0, 0), {}, before, tmp_path, progress=False)
+    assert run.method == method and run.mode == ("kpm" if method == "peft-corda" else None)
+    # the same layers at the same rank as lora; mica trains A alone (B is frozen by design)
+    assert (run.trainable_params < lora.trainable_params) if method == "mica" else \
+        (run.trainable_params == lora.trainable_params)
+    init = PeftModel.from_pretrained(tiny_llama(), tmp_path / "runs" / Setting(method, 0.05, 0.0, 0).path / "lora")
+    assert fit(init).value == pytest.approx(run.task.after, abs=1e-4)  # exported for the original base
+    assert run.update["fro"] > 0

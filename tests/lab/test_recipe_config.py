@@ -43,8 +43,9 @@ def test_each_yaml_loads_into_its_class():
     llama = LlamaRecipeConfig.from_yaml(yaml_path("llama_kpm"))
     assert (llama.recipe, llama.model, llama.rank, llama.task) == ("llama_kpm", "smollm2-135m-instruct", 16, "reverse")
     assert llama.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    assert llama.corda == {"damping": [0.01, 0.1, 1.0]} and llama.retention == ["capitals", "facts"]
-    assert (llama.capital_questions, llama.fact_texts, llama.capital_shots, llama.threads) == (100, 60, 3, None)
+    assert llama.corda == {"damping": [0.01, 0.1, 1.0]} and llama.retention == ["capitals", "knowledge", "facts", "general"]
+    assert (llama.capital_questions, llama.fact_texts, llama.capital_shots, llama.threads) == (125, 125, 3, None)
+    assert llama.knowledge_fields == ["region", "languages"] and llama.general_texts == 200
     clip = ClipRecipeConfig.from_yaml(yaml_path("clip_kpm"))
     assert (clip.rank, clip.steps, clip.batch_size, clip.threads, clip.logit_scale) == (8, 300, 32, 1, None)
     assert clip.retention == ["digits", "shapes", "colors"] and clip.train_template == "a photo of a {}."
@@ -99,8 +100,8 @@ def test_an_unknown_key_is_refused_with_a_guess_and_the_known_keys(tmp_path):
 
 
 def test_unknown_methods_and_bad_modes_are_refused_with_the_remedy(tmp_path):
-    with pytest.raises(CordaError, match=r"unknown method\(s\) \['dora'\]: choose one or more of lora, .*corda\+\+ "
-                                         r"\(e\.g\. --methods lora,corda,corda\+\+\), or register"):
+    with pytest.raises(CordaError, match=r"unknown method\(s\) \['dora'\]: choose one or more of lora, .*corda\+\+, "
+                                         r"peft-corda, eva, mica \(e\.g\. --methods lora,corda,corda\+\+\), or register"):
         LlamaRecipeConfig.from_yaml(yaml_path("llama_kpm"), overrides={"methods": ["lora", "dora"]})
     path = write_variant(tmp_path, "llama_kpm", mode="both")
     with pytest.raises(CordaError, match=r"llama_kpm\.yaml: mode must be 'kpm' or 'ipm', got 'both'; fix it in the "

@@ -36,7 +36,16 @@ def test_build_corda_recipe(tmp_path, method, label):
 RETENTION_RECIPES = ["llama_kpm", "clip_kpm", "llava_kpm"]
 METHOD_FILES = ["init/residual/config.json", "init/adapter/adapter_config.json", "init/corda_vl.json",
                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "lora/adapter_config.json",
-                "train_log.jsonl", "runs.json"]
+                "train_log.jsonl", "runs.json", "items.jsonl", "items_scale1.jsonl"]
+
+
+def run_dir(out, method, lr=None, seed=0, wd=0.0):
+    """Where a run of the grid writes (corda_vl.lab.experiment.Setting.path)."""
+    from corda_vl.lab.experiment import Setting
+
+    if lr is None:
+        lr = json.loads((out / "config.json").read_text())["lr"]
+    return out / "runs" / Setting(method, lr, wd, seed).path
 
 
 def run_recipe(name, out, *extra, wait=True):
@@ -63,10 +72,15 @@ def test_retention_recipe_smoke_writes_report_adapters_and_sweep(tmp_path, name)
     for run in plain:
         assert run.trainable_params > 0 and run.retention and "train" in run.seconds
         for f in METHOD_FILES:
-            assert (tmp_path / run.method.replace("+", "p") / f).is_file(), f
+            assert (run_dir(tmp_path, run.method) / f).is_file(), f
         at0 = next(r for r in runs if r.method == run.method and r.scale == 0.0)
         assert at0.task.after == pytest.approx(run.task.before, abs=1e-3)  # scale 0 is the base model
     assert "corda++" in stdout and "trainable" in stdout
+    # the study: means with intervals and paired differences, read back from the runs' items
+    study = json.loads((tmp_path / "study.json").read_text())
+    assert study["task"] == runs[0].task_name and set(study["items"]) == {study["task"], *study["retention"]}
+    assert {p["reference"] for p in study["paired"]} >= {"lora r2 lr " + f"{plain[0].lr:g}"}
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0 and "Paired differences" in (tmp_path / "study.md").read_text()
     settings = json.loads((tmp_path / "config.json").read_text())  # the typed config behind the numbers
     assert (settings["recipe"], settings["methods"], settings["output_dir"]) == (name, [r.method for r in plain], str(tmp_path))
     assert settings["scale_sweep"] is True and settings["rank"] == 2 and settings["steps"] == 4  # flags, then smoke
@@ -85,13 +99,14 @@ def test_killed_recipe_resumes_to_the_same_results(tmp_path):
     args = ("--methods", "lora,corda", "--steps", "10")
     run_recipe("llama_kpm", tmp_path / "full", *args)
     proc = run_recipe("llama_kpm", tmp_path / "cut", *args, wait=False)
-    checkpoint = tmp_path / "cut" / "corda" / "checkpoints" / "step-000002"
+    checkpoint = run_dir(tmp_path / "full", "corda") / "checkpoints" / "step-000002"
+    checkpoint = tmp_path / "cut" / checkpoint.relative_to(tmp_path / "full")
     deadline = time.time() + 600
     while not checkpoint.is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert checkpoint.is_dir() and not (tmp_path / "cut" / "corda" / "runs.json").exists()
+    assert checkpoint.is_dir() and not (checkpoint.parent.parent / "runs.json").exists()
     stdout = run_recipe("llama_kpm", tmp_path / "cut", *args, "--resume")
     assert "trainable" in stdout
     full, cut = load_results(tmp_path / "full" / "results.json")[2], load_results(tmp_path / "cut" / "results.json")[2]
@@ -100,10 +115,10 @@ def test_killed_recipe_resumes_to_the_same_results(tmp_path):
     from safetensors.torch import load_file
 
     for method in ("lora", "corda"):
-        ref = load_file(tmp_path / "full" / method / "adapter" / "adapter_model.safetensors")
-        got = load_file(tmp_path / "cut" / method / "adapter" / "adapter_model.safetensors")
+        ref = load_file(run_dir(tmp_path / "full", method) / "adapter" / "adapter_model.safetensors")
+        got = load_file(run_dir(tmp_path / "cut", method) / "adapter" / "adapter_model.safetensors")
         assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
-    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "corda" / "train_log.jsonl").read_text().splitlines()]
+    steps = [json.loads(x)["step"] for x in (run_dir(tmp_path / "cut", "corda") / "train_log.jsonl").read_text().splitlines()]
     assert steps == list(range(10))
 
 
@@ -136,10 +151,10 @@ def test_recipe_under_accelerate_launch_with_two_processes_matches_one(tmp_path)
         for name, score in a.retention.items():
             assert b.retention[name].after == pytest.approx(score.after, rel=1e-3), (a.method, name)
     for method in ("lora", "corda"):
-        losses = [[json.loads(line)["loss"] for line in (tmp_path / d / method / "train_log.jsonl").read_text().splitlines()]
+        losses = [[json.loads(line)["loss"] for line in (run_dir(tmp_path / d, method) / "train_log.jsonl").read_text().splitlines()]
                   for d in ("one", "two")]
         assert losses[1] == pytest.approx(losses[0], rel=1e-4), method
-    stores = [CovarianceStore.load(tmp_path / d / "covariances_kpm.safetensors") for d in ("one", "two")]
+    stores = [CovarianceStore.load(tmp_path / d / "covariances_kpm_seed0.safetensors") for d in ("one", "two")]
     assert stores[0].counts == stores[1].counts
     for key, tensor in stores[0].sums.items():
         assert (stores[1].sums[key] - tensor).abs().max() <= 1e-5 * tensor.abs().max(), key
