@@ -1,0 +1,191 @@
+"""The retention study: every recipe over several seeds, a learning-rate sweep and the baselines
+users compare against, with intervals, resumable, its results committed run by run.
+
+    python benchmarks/retention_study.py --list               # the studies and their settings
+    python benchmarks/retention_study.py clip_kpm             # run (or go on with) one study
+    python benchmarks/retention_study.py clip_kpm --commit    # and git-commit each finished run
+    python benchmarks/retention_study.py clip_kpm --report    # only rebuild study.md / PNGs from the runs
+
+A study is one recipe run with the flags below (seeds x methods x learning rates) and
+``--resume``: a run whose ``runs.json`` exists is read back, so a study stopped at any point goes
+on where it stopped (the run in progress restarts from its last checkpoint). The full outputs stay
+in ``out/study/<name>``; what a reader needs to check the numbers (every run's settings, scores,
+losses and per-item results, the study's statistics and plots) is copied to
+``docs/results/<date>-<name>/`` as each run finishes, with ``provenance.json``: the command, the
+commit of every sitting and its wall time. The README's tables are generated from those folders
+(``benchmarks/readme_summary.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
+BASELINES = "pissa,milora,peft-corda,eva,mica"
+STUDIES: dict[str, tuple[str, list[str]]] = {
+    # name: (recipe, flags). lora, corda and corda++ at three learning rates; the baselines and
+    # LoRA + weight decay at the recipe's rate; the adapter-scale dial adds frontier points.
+    "clip_kpm": ("clip_kpm", ["--seeds", "0,1,2,3,4", "--methods", f"lora,corda,corda++,{BASELINES}",
+                              "--lrs", "0.0005,0.001,0.002", "--lr-methods", "lora,corda,corda++",
+                              "--lora-weight-decays", "0.1", "--scale-sweep", "--scales", "0.25,0.5,0.75"]),
+    "clip_ipm": ("clip_kpm", ["--mode", "ipm", "--seeds", "0,1,2", "--methods", "lora,corda,corda++,pissa",
+                              "--task-eval-every", "20"]),
+    "llama_kpm": ("llama_kpm", ["--seeds", "0,1,2", "--methods", f"lora,corda,corda++,{BASELINES}",
+                                "--lrs", "0.0005,0.001,0.002", "--lr-methods", "lora,corda,corda++",
+                                "--lora-weight-decays", "0.1"]),
+    "llava_kpm": ("llava_kpm", ["--seeds", "0,1,2", "--methods", f"lora,corda,corda++,{BASELINES}",
+                                "--lrs", "0.00025,0.0005,0.001", "--lr-methods", "lora,corda,corda++",
+                                "--lora-weight-decays", "0.1"]),
+}
+COMMON = ["--no-save-adapters", "--resume"]
+KEEP = ("runs.json", "items.jsonl")  # and items_scale*.jsonl: what the statistics read
+
+
+def git(*args: str, check: bool = True) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, check=check, capture_output=True, text=True).stdout.strip()
+
+
+def results_dir(name: str) -> Path:
+    """The study's dated folder: the newest existing one (a study goes on), else today's."""
+    found = sorted(RESULTS.glob(f"*-{name}"))
+    return found[-1] if found else RESULTS / f"{datetime.date.today().isoformat()}-{name}"
+
+
+def copy_run(run_dir: Path, out: Path, dest: Path) -> Path:
+    target = dest / run_dir.relative_to(out)
+    target.mkdir(parents=True, exist_ok=True)
+    for f in run_dir.iterdir():
+        if f.name in KEEP or (f.name.startswith("items_scale") and f.suffix == ".jsonl"):
+            shutil.copy2(f, target / f.name)
+    return target
+
+
+def commit(paths: list[Path], message: str, tries: int = 5) -> None:
+    """Commit ``paths`` alone (other staged or changed files are left as they are). Another git
+    command holding the index lock makes a try fail: wait and try again, and never let a failed
+    commit stop the study (the files stay, the next commit takes them)."""
+    for attempt in range(tries):
+        try:
+            git("add", *map(str, paths))
+            if subprocess.run(["git", "diff", "--cached", "--quiet", "--", *map(str, paths)], cwd=ROOT).returncode:
+                git("commit", "-q", "-m", message, "--", *map(str, paths))
+            return
+        except subprocess.CalledProcessError as exc:
+            if attempt == tries - 1:
+                print(f"[study] could not commit ({exc.stderr.strip()}); the files are kept", flush=True)
+            time.sleep(2)
+
+
+def watch(out: Path, dest: Path, total: int, stop: threading.Event, do_commit: bool) -> None:
+    """Copy (and commit) every run as its runs.json appears."""
+    seen = {p for p in out.glob("runs/*/*/seed*/runs.json")}
+    while not stop.wait(15):
+        for name in ("before_items.jsonl", "config.json"):
+            if (out / name).is_file() and not (dest / name).is_file():
+                shutil.copy2(out / name, dest / name)
+        for p in sorted(set(out.glob("runs/*/*/seed*/runs.json")) - seen):
+            seen.add(p)
+            target = copy_run(p.parent, out, dest)
+            print(f"[study] kept {target.relative_to(ROOT)} ({len(seen)}/{total})", flush=True)
+            if do_commit:
+                commit([target, *(dest / n for n in ("before_items.jsonl", "config.json") if (dest / n).is_file())],
+                       f"results: {dest.name} {p.parent.relative_to(out / 'runs')} ({len(seen)}/{total})")
+
+
+def run_study(name: str, do_commit: bool, extra: list[str]) -> None:
+    recipe, flags = STUDIES[name]
+    out = ROOT / "out" / "study" / name
+    dest = results_dir(name)
+    dest.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, f"recipes/{recipe}.py", *flags, *COMMON, *extra, "--output-dir", str(out)]
+    sys.path.insert(0, str(ROOT / "recipes"))
+    total = count_runs(recipe, flags + extra)
+    provenance_path = dest / "provenance.json"
+    provenance = json.loads(provenance_path.read_text()) if provenance_path.is_file() else {
+        "study": name, "recipe": recipe, "command": " ".join(["python", "benchmarks/retention_study.py", name]),
+        "recipe_command": " ".join(["python", *command[1:]]).replace(str(ROOT) + "/", ""), "sittings": []}
+    started = time.time()
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch, args=(out, dest, total, stop, do_commit), daemon=True)
+    watcher.start()
+    print(f"[study] {name}: {total} runs, outputs in {out}, results in {dest}", flush=True)
+    code = subprocess.run(command, cwd=ROOT).returncode
+    stop.set()
+    watcher.join()
+    for p in out.glob("runs/*/*/seed*/runs.json"):  # whatever the watcher had not picked up yet
+        copy_run(p.parent, out, dest)
+    finished = code == 0
+    provenance["sittings"].append({
+        "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": round(time.time() - started, 1), "commit": git("rev-parse", "--short", "HEAD"),
+        "finished": finished, "runs_done": len(list(dest.glob("runs/*/*/seed*/runs.json"))), "runs_total": total})
+    provenance["run_seconds"] = run_seconds(dest)
+    provenance_path.write_text(json.dumps(provenance, indent=2) + "\n")
+    if finished:
+        keep_report(out, dest)
+    if do_commit:
+        commit([dest], f"results: {dest.name} {'finished' if finished else 'stopped'} "
+                       f"({provenance['sittings'][-1]['runs_done']}/{total} runs)")
+    if not finished:
+        raise SystemExit(f"[study] {name}: the recipe stopped with exit code {code}; run the same command to go on.")
+
+
+def count_runs(recipe: str, flags: list[str]) -> int:
+    """How many runs the grid has, from the recipe's own config and these flags."""
+    from corda_vl.lab.experiment import parse_recipe, settings
+    from corda_vl.lab.recipe_config import ClipRecipeConfig, LlamaRecipeConfig, LlavaRecipeConfig
+
+    types = {"clip_kpm": ClipRecipeConfig, "llama_kpm": LlamaRecipeConfig, "llava_kpm": LlavaRecipeConfig}
+    _, cfg = parse_recipe("", ROOT / "recipes" / "configs" / f"{recipe}.yaml", [f for f in flags if f != "--resume"],
+                          config_type=types[recipe])
+    return len(settings(cfg))
+
+
+def run_seconds(dest: Path) -> dict[str, float]:
+    """Seconds per stage summed over the kept runs (their runs.json)."""
+    total: dict[str, float] = {}
+    for p in dest.glob("runs/*/*/seed*/runs.json"):
+        for stage, s in json.loads(p.read_text())[0]["seconds"].items():
+            total[stage] = round(total.get(stage, 0.0) + s, 1)
+    return total
+
+
+def keep_report(out: Path, dest: Path) -> None:
+    """The study's statistics and plots, rebuilt from the kept runs (so they match the folder)."""
+    from corda_vl.lab.study import write_study
+
+    for name in ("before_items.jsonl", "config.json", "results.json"):
+        if (out / name).is_file():
+            shutil.copy2(out / name, dest / name)
+    for path in write_study(dest).values():
+        print(f"[study] wrote {path.relative_to(ROOT)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", nargs="?", choices=sorted(STUDIES))
+    parser.add_argument("--list", action="store_true", help="print the studies and their flags")
+    parser.add_argument("--commit", action="store_true", help="git-commit each finished run's results")
+    parser.add_argument("--report", action="store_true", help="only rebuild the statistics from the kept runs")
+    args, extra = parser.parse_known_args(argv)
+    if args.list or not args.study:
+        for name, (recipe, flags) in STUDIES.items():
+            print(f"{name}: recipes/{recipe}.py {' '.join(flags + COMMON)}")
+        return
+    if args.report:
+        keep_report(ROOT / "out" / "study" / args.study, results_dir(args.study))
+        return
+    run_study(args.study, args.commit, extra)
+
+
+if __name__ == "__main__":
+    main()
