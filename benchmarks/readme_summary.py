@@ -10,6 +10,11 @@ by ``benchmarks/cordapp_smollm2.py``). Every figure in the block is computed fro
 file that lacks a figure the table needs is an error, never a blank cell. The block is the text
 between ``<!-- results:begin -->`` and ``<!-- results:end -->``.
 
+A second block, between ``<!-- study:begin -->`` and ``<!-- study:end -->``, holds the retention
+study's tables: from every ``docs/results/<date>-<study>/study.json`` (written by
+``benchmarks/retention_study.py``), with that folder's ``provenance.json`` (command, commits, wall
+time). Both blocks are written and checked together.
+
 Exit status: 0 done (or, with --check, up to date); 1 the README's block differs (--check);
 2 a results file or the README is missing, unreadable or incomplete.
 """
@@ -28,6 +33,9 @@ VS_PEFT = ROOT / "benchmarks" / "results_vs_peft.json"
 CORDAPP = (ROOT / "benchmarks" / "results_cordapp.json", ROOT / "benchmarks" / "results_cordapp_ipm.json")
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
+STUDY_BEGIN = "<!-- study:begin -->"
+STUDY_END = "<!-- study:end -->"
+STUDIES = ROOT / "docs" / "results"
 # vs_peft.py flags whose values the file records under "args", in the order the command shows them
 COMMAND_FLAGS = (("modes", "--modes"), ("repeat", "--repeat"), ("seqs", "--seqs"), ("seq_len", "--seq-len"),
                  ("rank", "--rank"), ("batch_size", "--batch-size"))
@@ -168,24 +176,91 @@ def render(vs_peft: Path = VS_PEFT, cordapp: list[Path] | tuple[Path, ...] = COR
     return "\n".join(lines) + "\n"
 
 
-def split_readme(text: str, where: str = "README") -> tuple[str, str, str]:
-    """(before and including BEGIN, the block, END and after)."""
-    if text.count(BEGIN) != 1 or text.count(END) != 1:
-        raise SummaryError(f"{where}: needs exactly one {BEGIN} and one {END} "
-                           f"(found {text.count(BEGIN)} and {text.count(END)})")
-    start, stop = text.index(BEGIN) + len(BEGIN), text.index(END)
+def split_readme(text: str, where: str = "README", begin: str = BEGIN, end: str = END) -> tuple[str, str, str]:
+    """(before and including ``begin``, the block, ``end`` and after)."""
+    if text.count(begin) != 1 or text.count(end) != 1:
+        raise SummaryError(f"{where}: needs exactly one {begin} and one {end} "
+                           f"(found {text.count(begin)} and {text.count(end)})")
+    start, stop = text.index(begin) + len(begin), text.index(end)
     if stop < start:
-        raise SummaryError(f"{where}: {END} comes before {BEGIN}")
+        raise SummaryError(f"{where}: {end} comes before {begin}")
     return text[:start], text[start:stop], text[stop:]
 
 
-def block_of(text: str, where: str = "README") -> str:
-    return split_readme(text, where)[1]
+def block_of(text: str, where: str = "README", begin: str = BEGIN, end: str = END) -> str:
+    return split_readme(text, where, begin, end)[1]
 
 
-def with_block(text: str, summary: str, where: str = "README") -> str:
-    head, _, tail = split_readme(text, where)
+def with_block(text: str, summary: str, where: str = "README", begin: str = BEGIN, end: str = END) -> str:
+    head, _, tail = split_readme(text, where, begin, end)
     return head + "\n" + summary + tail
+
+
+# --- the retention study ----------------------------------------------------------------------
+
+def _interval(d: dict[str, Any], path: Path, scale: float, digits: int, star: bool = False) -> str:
+    est, low, high = (number(d, path, k) if d.get(k) is not None else float("nan") for k in ("estimate", "low", "high"))
+    if low != low or high != high:
+        return f"{est * scale:.{digits}f} (no interval)"
+    mark = "*" if star and (low > 0 or high < 0) else ""
+    return f"{est * scale:.{digits}f} [{low * scale:.{digits}f}, {high * scale:.{digits}f}]{mark}"
+
+
+def _scale(metric: str) -> tuple[float, int]:
+    """Accuracies in %, perplexity and cross-entropy as they are."""
+    return (1.0, 2) if metric in ("perplexity", "ppl", "ce", "loss") else (100.0, 1)
+
+
+def study_table(folder: Path) -> list[str]:
+    """One study: each method at the recipe's learning rate (mean over seeds [95 % interval]),
+    then each method's retention at matched task score against LoRA (and CorDA++ against CorDA)."""
+    path, prov_path = folder / "study.json", folder / "provenance.json"
+    data, prov = load(path), load(prov_path)
+    config = load(folder / "config.json")
+    lr = number(config, folder / "config.json", "lr")
+    task, retention = need(data, path, "task"), need(data, path, "retention")
+    metrics = need(data, path, "metrics")
+    sittings = need(prov, prov_path, "sittings")
+    wall = sum(number(s, prov_path, "wall_seconds") for s in sittings)
+    commits = ", ".join(dict.fromkeys(str(s.get("commit")) for s in sittings))
+    seeds = need(data, path, "seeds")
+    items = need(data, path, "items")
+    lines = [f"**{need(prov, prov_path, 'study')}** (`{need(prov, prov_path, 'command')}`; {len(seeds)} seeds; "
+             f"items: {', '.join(f'{b} {n}' for b, n in items.items())}; commit {commits}; "
+             f"{wall / 3600:.1f} h of study wall time; [`{_shown(folder)}`]({_shown(folder)}/study.md))", "",
+             "| method (lr " + f"{lr:g}) | " + " | ".join(f"{b} ({metrics[b]})" for b in [task, *retention])
+             + " | retention (after / before) |",
+             "|---|" + "---|" * (len(retention) + 2)]
+    base = need(data, path, "base")
+    lines.append("| base model | " + " | ".join(
+        f"{base[b] * _scale(metrics[b])[0]:.{_scale(metrics[b])[1]}f}" for b in [task, *retention]) + " | 1 |")
+    for key, arm in need(data, path, "arms").items():
+        if arm.get("scale") is not None or arm.get("lr") != lr:
+            continue
+        scores = need(arm, path, "scores")
+        cells = [_interval(scores[b], path, *_scale(metrics[b])) for b in [task, *retention]]
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {_interval(scores['retention'], path, 1.0, 3)} |")
+    matched = data.get("matched") or []
+    if matched:
+        lines += ["", "Retention at matched task score (Pareto frontiers over learning rates and adapter scales; "
+                  "* the interval excludes 0):", "",
+                  "| method | against | at task score | retention difference |", "|---|---|---|---|"]
+        task_scale = _scale(metrics[task])[0]
+        for m in matched:
+            lines.append(f"| {m['method']} | {m['reference']} | {number(m, path, 'task_score') * task_scale:.1f} "
+                         f"| {_interval(m['difference'], path, 1.0, 3, star=True)} |")
+    return lines
+
+
+def render_studies(root: Path = STUDIES) -> str:
+    """The study block: every study folder with a study.json, newest date last per study."""
+    folders = sorted(p.parent for p in Path(root).glob("*/study.json"))
+    lines = ["<!-- generated by `python benchmarks/readme_summary.py --write README.md`; do not edit by hand -->"]
+    if not folders:
+        lines.append("No retention study has finished yet.")
+    for folder in folders:
+        lines += ["", *study_table(folder)]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,30 +271,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(VS_PEFT), help="vs_peft results (default: %(default)s)")
     parser.add_argument("--cordapp", nargs="*", default=[str(p) for p in CORDAPP],
                         help="CorDA++ cost results, one per mode (none: leave that table out)")
+    parser.add_argument("--studies", default=str(STUDIES),
+                        help="folder of the dated retention-study folders (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
-        summary = render(Path(args.results), [Path(p) for p in args.cordapp])
+        blocks = [("results", BEGIN, END, render(Path(args.results), [Path(p) for p in args.cordapp])),
+                  ("study", STUDY_BEGIN, STUDY_END, render_studies(Path(args.studies)))]
         if args.write is None and args.check is None:
-            sys.stdout.write(summary)
+            sys.stdout.write("\n".join(b[3] for b in blocks))
             return 0
         readme = Path(args.write or args.check)
         try:
             text = readme.read_text(encoding="utf-8")
         except OSError as exc:
             raise SummaryError(f"{readme}: cannot read it ({exc.strerror})") from None
-        updated = with_block(text, summary, str(readme))
+        updated = text
+        for _, begin, end, summary in blocks:
+            updated = with_block(updated, summary, str(readme), begin, end)
         if args.write:
             if updated != text:
                 readme.write_text(updated, encoding="utf-8")
-            print(f"{readme}: results block {'updated' if updated != text else 'already up to date'}")
+            print(f"{readme}: results blocks {'updated' if updated != text else 'already up to date'}")
             return 0
         if updated == text:
             return 0
-        diff = difflib.unified_diff(block_of(text, str(readme)).splitlines(), ("\n" + summary).splitlines(),
-                                    f"{readme} (results block)", "generated", lineterm="")
-        print(f"{readme}: the results block is stale; run python benchmarks/readme_summary.py --write {readme}",
-              file=sys.stderr)
-        print("\n".join(diff), file=sys.stderr)
+        for name, begin, end, summary in blocks:
+            diff = list(difflib.unified_diff(block_of(text, str(readme), begin, end).splitlines(),
+                                             ("\n" + summary).splitlines(), f"{readme} ({name} block)", "generated",
+                                             lineterm=""))
+            if diff:
+                print(f"{readme}: the {name} block is stale; run python benchmarks/readme_summary.py --write {readme}",
+                      file=sys.stderr)
+                print("\n".join(diff), file=sys.stderr)
         return 1
     except SummaryError as exc:
         print(f"readme_summary: {exc}", file=sys.stderr)

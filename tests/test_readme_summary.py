@@ -102,3 +102,45 @@ def test_readme_links_point_to_files_that_exist():
     assert any(link.startswith("docs/") for link in local)
     missing = [link for link in local if not (ROOT / link).exists() and link != "CHANGELOG.md"]
     assert not missing, f"README links to missing files: {missing}"
+
+
+def _study_folder(root, name="2026-12-05-demo"):
+    folder = root / name
+    folder.mkdir(parents=True)
+    iv = lambda e, lo, hi: {"estimate": e, "low": lo, "high": hi}  # noqa: E731
+    study = {"task": "t", "retention": ["r"], "seeds": [0, 1, 2], "items": {"t": 50, "r": 60},
+             "metrics": {"t": "acc", "r": "perplexity"}, "base": {"t": 0.1, "r": 13.5},
+             "arms": {"lora r4 lr 0.001": {"method": "lora r4", "lr": 0.001, "scale": None,
+                                           "scores": {"t": iv(0.6, 0.55, 0.65), "r": iv(14.0, 13.8, 14.2),
+                                                      "retention": iv(0.96, 0.95, 0.97)}},
+                      "lora r4 lr 0.002": {"method": "lora r4", "lr": 0.002, "scale": None,
+                                           "scores": {"t": iv(0.7, 0.65, 0.75), "r": iv(15.0, 14.8, 15.2),
+                                                      "retention": iv(0.9, 0.89, 0.91)}}},
+             "matched": [{"method": "corda kpm r4", "reference": "lora r4", "task_score": 0.6,
+                          "difference": iv(0.02, 0.01, 0.03)}]}
+    (folder / "study.json").write_text(json.dumps(study))
+    (folder / "config.json").write_text(json.dumps({"lr": 0.001}))
+    (folder / "provenance.json").write_text(json.dumps({"study": "demo", "command": "python x.py demo",
+                                                        "sittings": [{"wall_seconds": 3600, "commit": "abc1234"}]}))
+    return folder
+
+
+def test_study_block_is_generated_from_the_dated_folders(tmp_path):
+    _study_folder(tmp_path)
+    block = summary.render_studies(tmp_path)
+    assert "**demo** (`python x.py demo`; 3 seeds; items: t 50, r 60; commit abc1234; 1.0 h" in block
+    assert "| lora r4 lr 0.001 | 60.0 [55.0, 65.0] | 14.00 [13.80, 14.20] | 0.960 [0.950, 0.970] |" in block
+    assert "lr 0.002" not in block  # the table shows the recipe's learning rate; the sweep is in study.md
+    assert "| corda kpm r4 | lora r4 | 60.0 | 0.020 [0.010, 0.030]* |" in block
+    assert summary.render_studies(tmp_path / "none").count("No retention study") == 1
+
+
+def test_study_block_is_checked_with_the_results_block(tmp_path):
+    studies = tmp_path / "results"
+    _study_folder(studies)
+    readme = tmp_path / "README.md"
+    readme.write_text(README.read_text(encoding="utf-8"), encoding="utf-8")
+    assert summary.main(["--check", str(readme), "--studies", str(studies)]) == 1  # a new study: stale
+    assert summary.main(["--write", str(readme), "--studies", str(studies)]) == 0
+    assert "**demo**" in readme.read_text(encoding="utf-8")
+    assert summary.main(["--check", str(readme), "--studies", str(studies)]) == 0
