@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import StoppingCriteriaList
 
 from corda_vl.families.base import batch_to_device
 from corda_vl.lab.eval.metrics import exact_match, perplexity
@@ -46,6 +47,37 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[i:i + size]
 
 
+_LINE_BREAK_IDS: dict[int, tuple[Any, torch.Tensor]] = {}
+
+
+def line_break_ids(tokenizer) -> torch.Tensor:
+    """Ids of the tokens whose text holds a line break (cached per tokenizer object)."""
+    key = id(tokenizer)
+    if key not in _LINE_BREAK_IDS or _LINE_BREAK_IDS[key][0] is not tokenizer:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        _LINE_BREAK_IDS[key] = (tokenizer, torch.tensor([i for i, t in enumerate(texts) if "\n" in t], dtype=torch.long))
+    return _LINE_BREAK_IDS[key][1]
+
+
+class StopAtLineBreak:
+    """Per row, done once the answer is settled: its text, leading whitespace aside, holds a line
+    break. An answer is cut at its first line break anyway, so what a few-shot prompt's model
+    writes after it (the next "Question: ...") is never read; stopping there saves most of the
+    generation time and leaves every answer as it was."""
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+        self.ids = line_break_ids(tokenizer)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        new = input_ids[:, self.prompt_length:]
+        done = torch.isin(new, self.ids.to(new.device)).any(dim=1)  # cheap gate, then the exact test
+        for row in done.nonzero().flatten().tolist():
+            text = self.tokenizer.decode(new[row], skip_special_tokens=True)
+            done[row] = "\n" in text.lstrip()
+        return done
+
+
 @torch.no_grad()
 def generate_answers(model: nn.Module, tokenizer, items: Sequence[Any], *, max_new_tokens: int = 12,
                      batch_size: int = 16, progress: bool = True, model_inputs=None) -> list[str]:
@@ -63,7 +95,9 @@ def generate_answers(model: nn.Module, tokenizer, items: Sequence[Any], *, max_n
         for chunk in _chunks(list(items), batch_size):
             inputs = model_inputs(chunk) if model_inputs else tokenizer(list(chunk), return_tensors="pt", padding=True)
             inputs = batch_to_device(inputs, device)
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            stop = StoppingCriteriaList([StopAtLineBreak(tokenizer, inputs["input_ids"].shape[1])])
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                 stopping_criteria=stop)
             new = out[:, inputs["input_ids"].shape[1]:]
             for text in tokenizer.batch_decode(new, skip_special_tokens=True):
                 answers.append(text.strip().split("\n")[0].strip())

@@ -73,3 +73,33 @@ def test_identical_with_an_initialised_corda_adapter(tok):
     assert after[1]["loglik_accuracy"] == before[1]["loglik_accuracy"]
     assert after[1]["gold_logprob"] == pytest.approx(before[1]["gold_logprob"], abs=1e-4)
     assert after[2]["perplexity"] == pytest.approx(before[2]["perplexity"], rel=1e-5)
+
+
+def test_generation_stops_at_a_line_break_with_the_same_answers(llama, tok, monkeypatch):
+    """Once a row's answer holds a line break after some text, the row stops: the answers are
+    those that generating to max_new_tokens and cutting gives, in fewer forward passes. A line
+    break before any text (stripped when the answer is cut) does not stop it."""
+    import corda_vl.lab.eval.llm as llm
+
+    prompts = [qa_prompt(r["question"]) for r in ROWS]
+    free = llm.generate_answers(llama, tok, prompts, max_new_tokens=8, batch_size=5, progress=False)
+    assert free[0].split()[0] == free[1].split()[0]  # every row starts with the same word
+    breaks = {tok.convert_tokens_to_ids(free[0].split()[0]), tok.convert_tokens_to_ids(free[1].split()[2])}
+    decode, one = tok.batch_decode, tok.decode
+    as_text = lambda t, k: "\n" if int(t) in breaks else one([int(t)], **k)  # noqa: E731
+    monkeypatch.setattr(tok, "batch_decode", lambda seqs, **k: [" ".join(as_text(t, k) for t in s) for s in seqs])
+    monkeypatch.setattr(tok, "decode", lambda s, **k: " ".join(as_text(t, k) for t in s))
+    llm._LINE_BREAK_IDS.clear()
+    assert sorted(llm.line_break_ids(tok).tolist()) == sorted(breaks)
+    calls = []
+    llama.register_forward_hook(lambda *a: calls.append(1))
+    stopped = llm.generate_answers(llama, tok, prompts, max_new_tokens=8, batch_size=5, progress=False)
+    calls.clear()
+    llm.generate_answers(llama, tok, prompts[1:2], max_new_tokens=8, progress=False)
+    assert len(calls) == 3  # row 1 stops at its break, the third token
+    monkeypatch.setattr(llm, "line_break_ids", lambda t: torch.tensor([-1]))  # never stops
+    calls.clear()
+    cut = llm.generate_answers(llama, tok, prompts, max_new_tokens=8, batch_size=5, progress=False)
+    llm._LINE_BREAK_IDS.clear()
+    assert stopped == cut and stopped[1] == free[1].split()[1]  # the leading break is skipped
+    assert len(calls) == 8
