@@ -85,7 +85,7 @@ def test_generation_stops_at_a_line_break_with_the_same_answers(llama, tok, monk
     free = llm.generate_answers(llama, tok, prompts, max_new_tokens=8, batch_size=5, progress=False)
     assert free[0].split()[0] == free[1].split()[0]  # every row starts with the same word
     breaks = {tok.convert_tokens_to_ids(free[0].split()[0]), tok.convert_tokens_to_ids(free[1].split()[2])}
-    decode, one = tok.batch_decode, tok.decode
+    one = tok.decode
     as_text = lambda t, k: "\n" if int(t) in breaks else one([int(t)], **k)  # noqa: E731
     monkeypatch.setattr(tok, "batch_decode", lambda seqs, **k: [" ".join(as_text(t, k) for t in s) for s in seqs])
     monkeypatch.setattr(tok, "decode", lambda s, **k: " ".join(as_text(t, k) for t in s))
