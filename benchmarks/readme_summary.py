@@ -247,6 +247,9 @@ def study_table(folder: Path) -> list[str]:
                   "| method | against | at task score | retention difference |", "|---|---|---|---|"]
         task_scale = _scale(metrics[task])[0]
         for m in matched:
+            if m.get("task_score") is None or m["task_score"] != m["task_score"]:
+                lines.append(f"| {m['method']} | {m['reference']} | – | no overlap (one learning rate, no sweep) |")
+                continue
             lines.append(f"| {m['method']} | {m['reference']} | {number(m, path, 'task_score') * task_scale:.1f} "
                          f"| {_interval(m['difference'], path, 1.0, 3, star=True)} |")
     return lines

@@ -343,6 +343,13 @@ def compare_methods(recipe: Recipe, stores: dict[int, tuple[Path, float]], befor
     """:func:`run_method` for every setting of the grid, then the report (every run), the study
     (means over seeds with intervals, paired differences, trade-off frontiers), config.json (the
     settings behind the numbers) and a printed table."""
+    config_path = Path(out_dir) / "config.json"
+
+    def keep_config():  # first, so that a study stopped half-way still says what it ran
+        with atomic_file(config_path) as tmp:
+            tmp.write_text(json.dumps(recipe.cfg.to_dict(), indent=2) + "\n")
+
+    on_main(keep_config)
     runs = []
     grid = settings(recipe.cfg)
     for i, setting in enumerate(grid, 1):
@@ -357,9 +364,7 @@ def compare_methods(recipe: Recipe, stores: dict[int, tuple[Path, float]], befor
     if not is_main_process():
         return runs
     paths = write_report(out_dir, recipe.name, recipe.cfg.model, runs)
-    paths["config"] = Path(out_dir) / "config.json"
-    with atomic_file(paths["config"]) as tmp:
-        tmp.write_text(json.dumps(recipe.cfg.to_dict(), indent=2) + "\n")
+    paths["config"] = config_path
     paths.update(write_study(out_dir))
     print("\n" + results_table(runs))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}; runs under {out_dir}/runs/")

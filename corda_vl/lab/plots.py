@@ -159,7 +159,8 @@ def plot_frontiers(result: dict, path: str | os.PathLike, *, title: str) -> None
     seeds = len(result["seeds"])
     ax.set_xlabel(f"task: {task} ({result['metrics'][task]}{', %' if x_scale == 100 else ''}), mean of {seeds} seeds")
     ax.set_ylabel("retention: mean of after / before\nover " + ", ".join(result["retention"]))
-    ax.set_title(f"{title}: task vs retention per learning rate (bars: 95 % intervals; lines: frontiers)", fontsize=9)
+    ax.set_title(f"{title}\ntask against retention, one point per learning rate or adapter scale\n"
+                 "(bars: 95 % intervals over seeds and items; lines: Pareto frontiers)", fontsize=9)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
@@ -181,7 +182,9 @@ def plot_update_size(result: dict, path: str | os.PathLike, *, title: str) -> No
             _errorbar(ax, xs, ys, 1.0, color=colours(i % 10), label=method)
     ax.set_xlabel("relative update size ‖ΔW‖_F / ‖W‖_F over the adapted layers (mean over seeds)")
     ax.set_ylabel("retention: mean of after / before")
-    ax.set_title(f"{title}: retention against update size", fontsize=9)
+    r = result.get("update_correlation")
+    ax.set_title(f"{title}\nretention against update size (one point per arm, mean over seeds"
+                 + (f"; r = {r:.2f})" if r is not None else ")"), fontsize=9)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")

@@ -151,25 +151,24 @@ def pareto_frontier(points: Sequence[Point]) -> list[int]:
 
 
 def interpolate_frontier(points: Sequence[Point], x: float) -> float:
-    """Retention on the Pareto frontier at task score ``x``, linear between frontier points.
-    Below the frontier's lowest task score it is that point's retention (a configuration with
-    more task score and this retention exists); above its highest it is NaN (never reached)."""
+    """Retention on the Pareto frontier at task score ``x``, linear between frontier points;
+    NaN outside the task scores the frontier spans (nothing was measured there)."""
     front = [(float(points[i][0]), float(points[i][1])) for i in pareto_frontier(points)]
-    if not front or not math.isfinite(x) or x > front[-1][0]:
+    if not front or not math.isfinite(x) or not front[0][0] <= x <= front[-1][0]:
         return math.nan
-    if x <= front[0][0]:
-        return float(front[0][1])
     xs, ys = zip(*front)
     return float(np.interp(x, xs, ys))
 
 
 def matched_task_score(a: Sequence[Point], b: Sequence[Point]) -> float:
-    """The highest task score both point sets reach on their frontiers (where retention is
-    compared "at matched task score"); NaN if either set has no finite point."""
-    tops = []
+    """The highest task score both frontiers span (where retention is compared "at matched task
+    score"); NaN when they do not overlap: one method's every point learns more than the other's
+    best, and no measured point compares them at equal task score."""
+    spans = []
     for pts in (a, b):
         front = pareto_frontier(pts)
         if not front:
             return math.nan
-        tops.append(pts[front[-1]][0])
-    return float(min(tops))
+        spans.append((float(pts[front[0]][0]), float(pts[front[-1]][0])))
+    low, high = max(s[0] for s in spans), min(s[1] for s in spans)
+    return high if high >= low else math.nan

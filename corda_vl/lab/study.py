@@ -234,6 +234,10 @@ def compute(out_dir: Path, n_boot: int = N_BOOT) -> dict[str, Any]:
         result["arms"][arm.key] = {"method": arm.method, "lr": arm.first.lr, "weight_decay": arm.first.weight_decay,
                                    "scale": arm.first.scale, "seeds": len(arm.runs), "scores": row,
                                    "update_relative": float(np.mean(updates)) if updates else None}
+    sized = [(a["update_relative"], a["scores"]["retention"]["estimate"]) for a in result["arms"].values()
+             if a["update_relative"] is not None and a["scale"] is None]
+    result["update_correlation"] = (float(np.corrcoef(*zip(*sized))[0, 1])
+                                    if len(sized) > 2 and np.std([x for x, _ in sized]) > 0 else None)
     result["half_width"] = {b: max((Interval(**a["scores"][b]).half_width for a in result["arms"].values()),
                                    default=math.nan) for b in [*benchmarks, "retention"]}
     for arm, ref in _pairs(st.arms):
@@ -310,6 +314,10 @@ def render(result: dict[str, Any], title: str) -> str:
                   "highest task score both methods reach.", "",
                   "| method | reference | task score | retention difference |", "|---|---|---|---|"]
         for m in result["matched"]:
+            if not math.isfinite(m["task_score"]):
+                lines.append(f"| {m['method']} | {m['reference']} | – | the frontiers do not overlap: no task score "
+                             "at which both were measured (add learning rates or --scale-sweep) |")
+                continue
             lines.append(f"| {m['method']} | {m['reference']} | {m['task_score'] * _pct(metric[result['task']]):.1f} "
                          f"| {_mark(m['difference'], 1.0, 3)} |")
     if result["convergence"]:
@@ -320,6 +328,9 @@ def render(result: dict[str, Any], title: str) -> str:
             cell = {w: (f"{format_interval(Interval(**c[w]['ratio']), 1.0, 2)} ({c[w]['reached']}/{c[w]['seeds']} seeds "
                         "reached)") if w in c else "–" for w in ("loss", "task")}
             lines.append(f"| {c['arm']} | {cell['loss']} | {cell['task']} |")
+    if result.get("update_correlation") is not None:
+        lines += ["", f"Correlation of retention with the relative update size over the trained arms: "
+                      f"r = {result['update_correlation']:.2f} ({len([a for a in result['arms'].values() if a['scale'] is None])} arms)."]
     lines += ["", "Differences marked * have an interval that excludes 0.", "",
               "![trade-off](tradeoff.png)", "", "![update size](update.png)", ""]
     return "\n".join(lines)
@@ -338,7 +349,10 @@ def write_study(out_dir: str | Path, n_boot: int = N_BOOT) -> dict[str, Path]:
     out = Path(out_dir)
     result = compute(out, n_boot)
     paths = {name: out / name for name in ("study.json", "study.md", "tradeoff.png", "update.png")}
-    title = json.loads((out / "results.json").read_text())["recipe"] if (out / "results.json").is_file() else out.name
+    title = out.name
+    if (out / "config.json").is_file():  # the recipe and its mode: clip_kpm runs both KPM and IPM studies
+        cfg = json.loads((out / "config.json").read_text())
+        title = f"{cfg['recipe']} ({cfg['mode'].upper()}), {out.name}"
     with atomic_file(paths["study.json"]) as tmp:
         tmp.write_text(json.dumps(result, indent=2, default=float) + "\n")
     with atomic_file(paths["study.md"]) as tmp:

@@ -97,8 +97,11 @@ def test_pareto_frontier_drops_dominated_and_nan_points():
 def test_interpolation_and_matched_task_score():
     a = [(0.2, 0.9), (0.6, 0.5)]
     assert interpolate_frontier(a, 0.4) == pytest.approx(0.7)
-    assert interpolate_frontier(a, 0.1) == pytest.approx(0.9)  # more task is reachable at 0.9
-    assert math.isnan(interpolate_frontier(a, 0.7))  # never reached
+    assert interpolate_frontier(a, 0.2) == pytest.approx(0.9) and interpolate_frontier(a, 0.6) == pytest.approx(0.5)
+    assert math.isnan(interpolate_frontier(a, 0.1)) and math.isnan(interpolate_frontier(a, 0.7))  # not measured
     b = [(0.3, 0.8), (0.5, 0.6), (0.9, 0.1)]
     assert matched_task_score(a, b) == pytest.approx(0.6)
     assert math.isnan(matched_task_score(a, [(math.nan, 0.5)]))
+    # one point each, the second learning more: no task score at which both were measured
+    assert math.isnan(matched_task_score([(0.61, 0.59)], [(0.83, 0.40)]))
+    assert matched_task_score([(0.61, 0.59)], [(0.61, 0.40)]) == pytest.approx(0.61)
