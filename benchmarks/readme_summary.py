@@ -227,7 +227,7 @@ def study_table(folder: Path) -> list[str]:
     items = need(data, path, "items")
     lines = [f"**{need(prov, prov_path, 'study')}** (`{need(prov, prov_path, 'command')}`; {len(seeds)} seeds; "
              f"items: {', '.join(f'{b} {n}' for b, n in items.items())}; commit {commits}; "
-             f"{wall / 3600:.1f} h of study wall time; [`{_shown(folder)}`]({_shown(folder)}/study.md))", "",
+             f"{f'{wall / 3600:.1f} h' if wall >= 3600 else f'{wall / 60:.0f} min'} of study wall time; [`{_shown(folder)}`]({_shown(folder)}/study.md))", "",
              "| method (lr " + f"{lr:g}) | " + " | ".join(f"{b} ({metrics[b]})" for b in [task, *retention])
              + " | retention (after / before) |",
              "|---|" + "---|" * (len(retention) + 2)]
@@ -240,18 +240,27 @@ def study_table(folder: Path) -> list[str]:
         scores = need(arm, path, "scores")
         cells = [_interval(scores[b], path, *_scale(metrics[b])) for b in [task, *retention]]
         lines.append(f"| {key} | " + " | ".join(cells) + f" | {_interval(scores['retention'], path, 1.0, 3)} |")
-    matched = data.get("matched") or []
+    matched = [m for m in data.get("matched") or [] if m.get("task_score") is not None
+               and m["task_score"] == m["task_score"]]  # NaN: the frontiers do not overlap
+    if data.get("matched") and not matched:
+        lines += ["", "No retention at matched task score: the methods' points do not overlap in task score "
+                  "(one learning rate, no adapter-scale sweep)."]
     if matched:
         lines += ["", "Retention at matched task score (Pareto frontiers over learning rates and adapter scales; "
                   "* the interval excludes 0):", "",
                   "| method | against | at task score | retention difference |", "|---|---|---|---|"]
         task_scale = _scale(metrics[task])[0]
         for m in matched:
-            if m.get("task_score") is None or m["task_score"] != m["task_score"]:
-                lines.append(f"| {m['method']} | {m['reference']} | – | no overlap (one learning rate, no sweep) |")
-                continue
             lines.append(f"| {m['method']} | {m['reference']} | {number(m, path, 'task_score') * task_scale:.1f} "
                          f"| {_interval(m['difference'], path, 1.0, 3, star=True)} |")
+    convergence = data.get("convergence") or []
+    if convergence:
+        lines += ["", "Convergence: LoRA's steps over the method's steps to reach LoRA's final smoothed training loss "
+                  "and LoRA's final task score (> 1 is faster; mean over seeds [95 % interval]):", "",
+                  "| method | against | loss | task |", "|---|---|---|---|"]
+        for c in convergence:
+            cells = [_interval(c[w]["ratio"], path, 1.0, 2) if w in c else "–" for w in ("loss", "task")]
+            lines.append(f"| {c['arm']} | {c['reference']} | {cells[0]} | {cells[1]} |")
     return lines
 
 
