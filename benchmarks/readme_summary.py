@@ -211,50 +211,56 @@ def _scale(metric: str) -> tuple[float, int]:
     return (1.0, 2) if metric in ("perplexity", "ppl", "ce", "loss") else (100.0, 1)
 
 
+def _matched_cell(m: dict[str, Any] | None, path: Path, task_scale: float) -> str:
+    if m is None:
+        return "–"
+    score = m.get("task_score")
+    if score is None or score != score:  # NaN: the frontiers do not overlap
+        return "no overlap"
+    lrs = m.get("lrs") or []
+    where = f"lr {lrs[0]:g}" if len(lrs) == 1 else f"{len(lrs)} lrs" if lrs else "all lrs"
+    return (f"{_interval(m['difference'], path, 1.0, 3, star=True)} at {number(m, path, 'task_score') * task_scale:.1f} "
+            f"({where})")
+
+
 def study_table(folder: Path) -> list[str]:
-    """One study: each method at the recipe's learning rate (mean over seeds [95 % interval]),
-    then each method's retention at matched task score against LoRA (and CorDA++ against CorDA)."""
+    """One study, compact: each method at the recipe's learning rate (task and retention, mean over
+    seeds [95 % interval]) and its retention at matched task score against LoRA; CorDA++ against
+    CorDA in a line below; IPM studies add the convergence ratios. Per-benchmark scores, the sweep
+    and the paired differences are in the folder's study.md."""
     path, prov_path = folder / "study.json", folder / "provenance.json"
     data, prov = load(path), load(prov_path)
     config = load(folder / "config.json")
     lr = number(config, folder / "config.json", "lr")
-    task, retention = need(data, path, "task"), need(data, path, "retention")
-    metrics = need(data, path, "metrics")
+    task, metrics = need(data, path, "task"), need(data, path, "metrics")
+    task_scale, task_digits = _scale(metrics[task])
     sittings = need(prov, prov_path, "sittings")
     wall = sum(number(s, prov_path, "wall_seconds") for s in sittings)
     commits = ", ".join(dict.fromkeys(str(s.get("commit")) for s in sittings))
-    seeds = need(data, path, "seeds")
-    items = need(data, path, "items")
+    seeds, items = need(data, path, "seeds"), need(data, path, "items")
+    matched = data.get("matched") or []
+    against_lora = {m["method"]: m for m in matched if m["reference"].startswith("lora")}
     lines = [f"**{need(prov, prov_path, 'study')}** (`{need(prov, prov_path, 'command')}`; {len(seeds)} seeds; "
              f"items: {', '.join(f'{b} {n}' for b, n in items.items())}; commit {commits}; "
-             f"{f'{wall / 3600:.1f} h' if wall >= 3600 else f'{wall / 60:.0f} min'} of study wall time; [`{_shown(folder)}`]({_shown(folder)}/study.md))", "",
-             "| method (lr " + f"{lr:g}) | " + " | ".join(f"{b} ({metrics[b]})" for b in [task, *retention])
-             + " | retention (after / before) |",
-             "|---|" + "---|" * (len(retention) + 2)]
-    base = need(data, path, "base")
-    lines.append("| base model | " + " | ".join(
-        f"{base[b] * _scale(metrics[b])[0]:.{_scale(metrics[b])[1]}f}" for b in [task, *retention]) + " | 1 |")
-    for key, arm in need(data, path, "arms").items():
+             f"{f'{wall / 3600:.1f} h' if wall >= 3600 else f'{wall / 60:.0f} min'} of study wall time; "
+             f"[`{_shown(folder)}`]({_shown(folder)}/study.md))", "",
+             f"| method | {task} ({metrics[task]}), lr {lr:g} | retention, lr {lr:g} "
+             "| retention − LoRA's at matched task score |", "|---|---|---|---|",
+             f"| base model | {need(data, path, 'base')[task] * task_scale:.{task_digits}f} | 1 | – |"]
+    for arm in need(data, path, "arms").values():
         if arm.get("scale") is not None or arm.get("lr") != lr:
             continue
         scores = need(arm, path, "scores")
-        cells = [_interval(scores[b], path, *_scale(metrics[b])) for b in [task, *retention]]
-        lines.append(f"| {key} | " + " | ".join(cells) + f" | {_interval(scores['retention'], path, 1.0, 3)} |")
-    matched = [m for m in data.get("matched") or [] if m.get("task_score") is not None
-               and m["task_score"] == m["task_score"]]  # NaN: the frontiers do not overlap
-    if data.get("matched") and not matched:
-        lines += ["", "No retention at matched task score: the methods' points do not overlap in task score "
-                  "(one learning rate, no adapter-scale sweep)."]
-    if matched:
-        lines += ["", "Retention at matched task score (Pareto frontiers over learning rates and adapter scales; "
-                  "* the interval excludes 0):", "",
-                  "| method | against | at task score | retention difference |", "|---|---|---|---|"]
-        task_scale = _scale(metrics[task])[0]
-        for m in matched:
-            lines.append(f"| {m['method']} | {m['reference']} | {number(m, path, 'task_score') * task_scale:.1f} "
-                         f"| {_interval(m['difference'], path, 1.0, 3, star=True)} |")
+        label = arm["method"]  # weight decay is part of the method's name ("lora r8 wd 0.1")
+        lines.append(f"| {label} | {_interval(scores[task], path, task_scale, task_digits)} "
+                     f"| {_interval(scores['retention'], path, 1.0, 3)} "
+                     f"| {_matched_cell(against_lora.get(label), path, task_scale)} |")
+    for m in matched:
+        if not m["reference"].startswith("lora"):
+            lines += ["", f"{m['method']} − {m['reference']}, retention at matched task score: "
+                          f"{_matched_cell(m, path, task_scale)}."]
     convergence = data.get("convergence") or []
-    if convergence:
+    if config.get("mode") == "ipm" and convergence:
         lines += ["", "Convergence: LoRA's steps over the method's steps to reach LoRA's final smoothed training loss "
                   "and LoRA's final task score (> 1 is faster; mean over seeds [95 % interval]):", "",
                   "| method | against | loss | task |", "|---|---|---|---|"]

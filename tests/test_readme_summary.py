@@ -115,9 +115,14 @@ def _study_folder(root, name="2026-12-05-demo"):
                                                       "retention": iv(0.96, 0.95, 0.97)}},
                       "lora r4 lr 0.002": {"method": "lora r4", "lr": 0.002, "scale": None,
                                            "scores": {"t": iv(0.7, 0.65, 0.75), "r": iv(15.0, 14.8, 15.2),
-                                                      "retention": iv(0.9, 0.89, 0.91)}}},
-             "matched": [{"method": "corda kpm r4", "reference": "lora r4", "task_score": 0.6,
-                          "difference": iv(0.02, 0.01, 0.03)}]}
+                                                      "retention": iv(0.9, 0.89, 0.91)}},
+                      "corda kpm r4 lr 0.001": {"method": "corda kpm r4", "lr": 0.001, "scale": None,
+                                                "scores": {"t": iv(0.65, 0.6, 0.7), "r": iv(13.6, 13.5, 13.7),
+                                                           "retention": iv(0.98, 0.97, 0.99)}}},
+             "matched": [{"method": "corda kpm r4", "reference": "lora r4", "task_score": 0.6, "lrs": [0.001],
+                          "difference": iv(0.02, 0.01, 0.03)},
+                         {"method": "corda++ kpm r4", "reference": "corda kpm r4", "task_score": float("nan"),
+                          "lrs": [0.001], "difference": iv(float("nan"), float("nan"), float("nan"))}]}
     (folder / "study.json").write_text(json.dumps(study))
     (folder / "config.json").write_text(json.dumps({"lr": 0.001}))
     (folder / "provenance.json").write_text(json.dumps({"study": "demo", "command": "python x.py demo",
@@ -129,9 +134,11 @@ def test_study_block_is_generated_from_the_dated_folders(tmp_path):
     _study_folder(tmp_path)
     block = summary.render_studies(tmp_path)
     assert "**demo** (`python x.py demo`; 3 seeds; items: t 50, r 60; commit abc1234; 1.0 h" in block
-    assert "| lora r4 lr 0.001 | 60.0 [55.0, 65.0] | 14.00 [13.80, 14.20] | 0.960 [0.950, 0.970] |" in block
-    assert "lr 0.002" not in block  # the table shows the recipe's learning rate; the sweep is in study.md
-    assert "| corda kpm r4 | lora r4 | 60.0 | 0.020 [0.010, 0.030]* |" in block
+    assert "| method | t (acc), lr 0.001 | retention, lr 0.001 |" in block
+    assert "| lora r4 | 60.0 [55.0, 65.0] | 0.960 [0.950, 0.970] | – |" in block
+    assert "0.900" not in block  # the table shows the recipe's learning rate; the sweep is in study.md
+    assert "| corda kpm r4 | 65.0 [60.0, 70.0] | 0.980 [0.970, 0.990] | 0.020 [0.010, 0.030]* at 60.0 (lr 0.001) |" in block
+    assert "corda++ kpm r4 − corda kpm r4, retention at matched task score: no overlap." in block
     assert summary.render_studies(tmp_path / "none").count("No retention study") == 1
 
 

@@ -150,8 +150,13 @@ class Study:
             return Interval(fn(None), math.nan, math.nan)
         return Interval(fn(None), float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5)))
 
-    def points(self, method: str, rep=None) -> list[tuple[float, float]]:
-        return [(self.score(a, self.task, rep), self.retention_of(a, rep)) for a in self.arms if a.method == method]
+    def points(self, method: str, rep=None, lrs: set[float] | None = None) -> list[tuple[float, float]]:
+        """(task, retention) of every arm of ``method``, only at ``lrs`` when given."""
+        return [(self.score(a, self.task, rep), self.retention_of(a, rep)) for a in self.arms
+                if a.method == method and (lrs is None or a.first.lr in lrs)]
+
+    def lrs(self, method: str) -> set[float]:
+        return {a.first.lr for a in self.arms if a.method == method}
 
 
 def _plain(arms: list[Arm]) -> list[Arm]:
@@ -159,7 +164,8 @@ def _plain(arms: list[Arm]) -> list[Arm]:
 
 
 def _pairs(arms: list[Arm]) -> list[tuple[Arm, Arm]]:
-    """(arm, reference): every plain arm against lora at its lr (weight decay 0), corda++ against corda."""
+    """(arm, reference): every plain arm against lora at its lr (weight decay 0); corda++ and
+    peft-corda also against corda."""
     plain = _plain(arms)
     by = {(a.first.method, a.first.lr, a.first.weight_decay or 0.0): a for a in plain}
     out = []
@@ -169,7 +175,8 @@ def _pairs(arms: list[Arm]) -> list[tuple[Arm, Arm]]:
             ref = by.get(("lora", r.lr, 0.0))
             if ref is not None and ref is not a:
                 out.append((a, ref))
-        if r.method == "corda++" and ("corda", r.lr, r.weight_decay or 0.0) in by:
+        # CorDA++ and PEFT's CorDA are each also judged against this library's CorDA
+        if r.method in ("corda++", "peft-corda") and ("corda", r.lr, r.weight_decay or 0.0) in by:
             out.append((a, by[("corda", r.lr, r.weight_decay or 0.0)]))
     return out
 
@@ -253,17 +260,22 @@ def compute(out_dir: Path, n_boot: int = N_BOOT) -> dict[str, Any]:
     lora = next((m for m in methods if m.startswith("lora") and " wd " not in m), None)
     corda = next((m for m in methods if m.startswith("corda ")), None)
     pairs = [(m, lora) for m in methods if lora and m != lora]
-    pairs += [(m, corda) for m in methods if corda and m.startswith("corda++")]
+    pairs += [(m, corda) for m in methods if corda and m.startswith(("corda++", "peft-corda"))]
     for m, ref in pairs:
-        def gap(rep, m=m, ref=ref):
+        # Only the learning rates both methods ran: a reference swept over more of them has a richer
+        # frontier, and would win against a single-lr method for that reason alone.
+        shared = st.lrs(m) & st.lrs(ref)
+
+        def gap(rep, m=m, ref=ref, shared=shared):
             # x* is recomputed in every replicate: a fixed x* at the frontier's end would be out of
             # reach in about half of them
-            a, b = st.points(m, rep), st.points(ref, rep)
+            a, b = st.points(m, rep, shared), st.points(ref, rep, shared)
             x = matched_task_score(a, b)
             return interpolate_frontier(a, x) - interpolate_frontier(b, x)
 
-        result["matched"].append({"method": m, "reference": ref,
-                                  "task_score": matched_task_score(st.points(m), st.points(ref)),
+        result["matched"].append({"method": m, "reference": ref, "lrs": sorted(shared),
+                                  "task_score": matched_task_score(st.points(m, None, shared),
+                                                                   st.points(ref, None, shared)),
                                   "difference": st.interval(gap).__dict__})
     return result
 
@@ -311,14 +323,15 @@ def render(result: dict[str, Any], title: str) -> str:
     if result["matched"]:
         lines += ["", "## Retention at matched task score", "",
                   "On each method's Pareto frontier over learning rates (and adapter scales), interpolated at the "
-                  "highest task score both methods reach.", "",
-                  "| method | reference | task score | retention difference |", "|---|---|---|---|"]
+                  "highest task score both methods reach, using only the learning rates both methods ran.", "",
+                  "| method | reference | learning rates | task score | retention difference |", "|---|---|---|---|---|"]
         for m in result["matched"]:
+            lrs = ", ".join(f"{lr:g}" for lr in m.get("lrs", [])) or "all"
             if not math.isfinite(m["task_score"]):
-                lines.append(f"| {m['method']} | {m['reference']} | – | the frontiers do not overlap: no task score "
+                lines.append(f"| {m['method']} | {m['reference']} | {lrs} | – | the frontiers do not overlap: no task score "
                              "at which both were measured (add learning rates or --scale-sweep) |")
                 continue
-            lines.append(f"| {m['method']} | {m['reference']} | {m['task_score'] * _pct(metric[result['task']]):.1f} "
+            lines.append(f"| {m['method']} | {m['reference']} | {lrs} | {m['task_score'] * _pct(metric[result['task']]):.1f} "
                          f"| {_mark(m['difference'], 1.0, 3)} |")
     if result["convergence"]:
         lines += ["", "## Convergence against LoRA", "",

@@ -79,6 +79,35 @@ def test_identical_methods_differ_by_an_interval_around_zero(tmp_path):
     assert pair["difference"]["r"] == {"estimate": 0.0, "low": 0.0, "high": 0.0}
 
 
+def test_matched_retention_uses_only_the_learning_rates_both_methods_ran(tmp_path):
+    """lora's extra rate dominates pissa's only point; a comparison over all of lora's rates would
+    charge pissa for a rate it never ran. Same rate, same answers: the difference must be 0."""
+    write_items(tmp_path / "before_items.jsonl", {"t": hits("acc", [0] * N_TASK),
+                                                  "r": hits("acc", first(BASE_KEEP, N_KEEP))})
+    for seed in range(3):
+        write_run(tmp_path, "lora", 0.001, seed, 20, 40, [1.0])
+        write_run(tmp_path, "lora", 0.004, seed, 30, 46, [1.0])
+        write_run(tmp_path, "pissa", 0.001, seed, 20, 40, [1.0])
+    (matched,) = compute(tmp_path, n_boot=200)["matched"]
+    assert matched["lrs"] == [0.001]
+    assert matched["task_score"] == pytest.approx(20 / N_TASK)
+    assert matched["difference"]["estimate"] == pytest.approx(0.0)
+
+
+def test_peft_corda_is_also_paired_with_this_librarys_corda(tmp_path):
+    write_items(tmp_path / "before_items.jsonl", {"t": hits("acc", [0] * N_TASK),
+                                                  "r": hits("acc", first(BASE_KEEP, N_KEEP))})
+    for seed in range(3):
+        write_run(tmp_path, "lora", 0.001, seed, 20, 40, [1.0])
+        write_run(tmp_path, "corda", 0.001, seed, 25, 46, [1.0])
+        write_run(tmp_path, "peft-corda", 0.001, seed, 25, 36, [1.0])
+    result = compute(tmp_path, n_boot=200)
+    pairs = {(p["arm"], p["reference"]): p["difference"] for p in result["paired"]}
+    diff = pairs[("peft-corda kpm r4 lr 0.001", "corda kpm r4 lr 0.001")]
+    assert diff["r"]["estimate"] == pytest.approx(-10 / N_KEEP) and diff["r"]["high"] < 0
+    assert ("peft-corda kpm r4", "corda kpm r4") in {(m["method"], m["reference"]) for m in result["matched"]}
+
+
 def test_write_study_writes_the_report_and_both_plots(study_dir):
     paths = write_study(study_dir, n_boot=100)
     text = paths["study.md"].read_text()
