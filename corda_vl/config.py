@@ -15,6 +15,7 @@ MethodName = Literal["corda", "corda++", "lora", "pissa", "milora"]
 Mode = Literal["kpm", "ipm"]
 MODES = ("kpm", "ipm")
 NORMALIZATIONS = ("mean_diag", "none")
+COMPACTNESS = ("bound", "paper", "heldout")  # corda++ metrics (corda_vl.decomposition.compactness)
 DEFAULT_DAMPING = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
@@ -114,6 +115,25 @@ class CordaConfig:
         default=None,
     )
     rank_step: int = help_field("corda++: rank granted per step of the greedy allocation.", default=1)
+    compactness: str = help_field(
+        "corda++: the metric that chooses each layer's covariance and allocates the ranks "
+        "(docs/cordapp.md). 'bound': a worst-case bound on the context share, with sqrt(kappa); "
+        "'paper': the CorDA++ paper's condition factor log(pi) times singular-value ratios (KPM "
+        "only); 'heldout': the share of the layer's output on a calibration split no candidate saw "
+        "(needs collect_covariances(splits>=2)).",
+        default="bound",
+    )
+    compactness_spectrum: str = help_field(
+        "corda++ with compactness='paper': where pi = sqrt(d_out sig_max) / sig_min takes its "
+        "singular values: 'covariance' (the damped covariance) or 'weighted' (W C'). The paper, as "
+        "transcribed, is ambiguous here.",
+        default="covariance",
+    )
+    heldout_split: str | None = help_field(
+        "corda++ with compactness='heldout': the calibration split every candidate is scored on and "
+        "built without (e.g. 'split1'). None = the last split the store holds.",
+        default=None,
+    )
     damping: tuple[float, ...] = help_field(
         "Damping schedule: C' = C + lam * mean(diag C) * I with the smallest lam for which a "
         "float64 Cholesky factorisation succeeds.",
@@ -193,6 +213,13 @@ class CordaConfig:
             if lo is not None and hi is not None and lo > hi:
                 where = f" for group {group!r}" if group else ""
                 raise CordaError(f"rank_min {lo} is above rank_max {hi}{where}.")
+        if self.compactness not in COMPACTNESS:
+            raise CordaError(f"compactness={self.compactness!r} is not one of {COMPACTNESS}.")
+        if self.compactness_spectrum not in ("covariance", "weighted"):
+            raise CordaError(f"compactness_spectrum={self.compactness_spectrum!r}: use 'covariance' or 'weighted'.")
+        if self.compactness == "paper" and "ipm" in (self.mode, *self.group_modes.values()):
+            raise CordaError("compactness='paper' is the paper's KPM formulation; for IPM layers use "
+                             "compactness='bound' or 'heldout'.")
         if self.candidates is not None and not self.candidates:
             raise CordaError("candidates=[] leaves nothing to choose from; use None for every available source.")
         self.damping = tuple(float(x) for x in self.damping)

@@ -32,6 +32,19 @@ class BuildRecord:
         return {"family": self.family, "config": self.config, "source": self.source, "modules": self.modules,
                 "budget": self.budget, "calibration": self.calibration}
 
+    def rank_histograms(self) -> dict[str, dict[str, dict[str, int]]]:
+        """How many layers got each rank, per group and per projection type (the last part of the
+        module name: q_proj, fc1, ...): ``{"group": {group: {rank: layers}}, "projection": {...}}``,
+        ranks as strings (JSON keys), in ascending order. Shows at a glance whether an allocation
+        spread rank or went all-or-nothing."""
+        out: dict[str, dict[str, dict[str, int]]] = {"group": {}, "projection": {}}
+        for name, info in self.modules.items():
+            for kind, key in (("group", str(info.get("group"))), ("projection", name.rsplit(".", 1)[-1])):
+                counts = out[kind].setdefault(key, {})
+                counts[str(info["rank"])] = counts.get(str(info["rank"]), 0) + 1
+        return {kind: {key: dict(sorted(c.items(), key=lambda kv: int(kv[0]))) for key, c in table.items()}
+                for kind, table in out.items()}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BuildRecord":
         return cls(data["family"], data["config"], data.get("source"), data.get("modules", {}), data.get("budget"),

@@ -108,11 +108,27 @@ class CovarianceStore:
             raise CordaError(f"source {source!r} is not in the store; available: {available}.")
         return source
 
-    def _parts(self, module: str, source: str | None) -> list[tuple[str, str]]:
+    def splits_for(self, module: str) -> list[str]:
+        """The split names (``split0``, ``split1``, ...) in ``module``'s sources, in index order."""
+        key = self.input_key(module)
+        names = {part for k, source in self.sums if k == key for part in source.split(DERIVED_SEPARATOR)
+                 if part.startswith("split") and part[5:].isdigit()}
+        return sorted(names, key=lambda name: int(name[5:]))
+
+    def _parts(self, module: str, source: str | None, split: str | None = None,
+               held_out: bool = False) -> list[tuple[str, str]]:
+        """The stored sums that make up ``source``; with ``split``, only those outside it
+        (``held_out=False``) or only those inside it (``held_out=True``)."""
         key, source = self.input_key(module), self.resolve_source(source)
         if (key, source) in self.sums:
-            return [(key, source)]
-        parts = [k for k in self.sums if k[0] == key and k[1].startswith(source + DERIVED_SEPARATOR)]
+            parts = [(key, source)]
+        else:
+            parts = [k for k in self.sums if k[0] == key and k[1].startswith(source + DERIVED_SEPARATOR)]
+        if split is not None:
+            parts = [k for k in parts if (split in k[1].split(DERIVED_SEPARATOR)) == held_out]
+            if not parts:
+                raise CordaError(f"module {module!r}: source {source!r} has no data "
+                                 f"{'in' if held_out else 'outside'} split {split!r}.")
         if not parts:
             raise CordaError(f"module {module!r} has no covariance for source {source!r}; its data "
                              f"never reached it. Sources it has: "
@@ -127,15 +143,23 @@ class CovarianceStore:
             total += self.sums[part]
         return total
 
+    def leaves(self, module: str, source: str | None, split: str | None = None,
+               held_out: bool = False) -> list[str]:
+        """The stored source names whose sums make up ``source`` (and ``split``, as in :meth:`covariance`)."""
+        return sorted(name for _, name in self._parts(module, source, split, held_out))
+
     def sum(self, module: str, source: str | None = None) -> torch.Tensor:
         return self._sum_of(self._parts(module, source))
 
-    def count(self, module: str, source: str | None = None) -> int:
-        return sum(self.counts[part] for part in self._parts(module, source))
+    def count(self, module: str, source: str | None = None, split: str | None = None,
+              held_out: bool = False) -> int:
+        return sum(self.counts[part] for part in self._parts(module, source, split, held_out))
 
-    def covariance(self, module: str, source: str | None = None, dtype=torch.float64) -> torch.Tensor:
-        """C = (1/n) sum_t x_t x_t^T for the input of ``module``."""
-        parts = self._parts(module, source)
+    def covariance(self, module: str, source: str | None = None, dtype=torch.float64, split: str | None = None,
+                   held_out: bool = False) -> torch.Tensor:
+        """C = (1/n) sum_t x_t x_t^T for the input of ``module``. With ``split``: over the tokens
+        outside that split (``held_out=False``) or inside it (``held_out=True``) only."""
+        parts = self._parts(module, source, split, held_out)
         n = sum(self.counts[part] for part in parts)
         if n == 0:
             raise CordaError(f"module {module!r} saw no tokens for source {source!r}; calibrate on data that reaches it.")
@@ -143,10 +167,11 @@ class CovarianceStore:
         return total.to(dtype).div_(n) if total.dtype != dtype else total / n
 
     def damped(self, module: str, source: str | None, damping: tuple[float, ...], normalize: bool = True,
-               dtype=torch.float64, device=None, name: str | None = None) -> DampedCovariance:
-        """:func:`damp_covariance` of :meth:`covariance`, on ``device``. The copy made here is
-        handed over and damped in place (no second d x d matrix)."""
-        cov = self.covariance(module, source, dtype).to(device)
+               dtype=torch.float64, device=None, name: str | None = None,
+               without_split: str | None = None) -> DampedCovariance:
+        """:func:`damp_covariance` of :meth:`covariance` (leaving out ``without_split``), on
+        ``device``. The copy made here is handed over and damped in place (no second d x d matrix)."""
+        cov = self.covariance(module, source, dtype, split=without_split).to(device)
         return damp_covariance(cov, damping, normalize=normalize, dtype=dtype, name=name or module, overwrite=True)
 
     def nbytes(self) -> int:

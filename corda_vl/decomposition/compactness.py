@@ -90,6 +90,95 @@ def select_best(scores: Mapping[str, float]) -> str:
     return max(scores, key=lambda name: (scores[name], -list(scores).index(name)))
 
 
+def log_condition(low: float, mean: float, top: float, d_out: int) -> float:
+    """``log pi`` of the CorDA++ paper's condition factor, ``pi = sqrt(d_out * sig_max) / sig_min``.
+
+    The paper's formula is not dimensionless: multiplying C by ``c`` divides ``pi`` by ``sqrt(c)``.
+    Here the spectrum (smallest ``low``, mean ``mean``, largest ``top``) is first divided by its
+    mean, so ``pi`` is unchanged by the scale of C, and ``pi >= sqrt(d_out)`` (``top >= mean >=
+    low``), hence ``log pi >= 0``. That normalisation is this project's choice; the paper, as
+    transcribed, does not say. The caller takes the spectrum from the damped covariance (default)
+    or from W C' (``compactness_spectrum``). ``low`` below ``1e-12 * top`` counts as that (a
+    rank-deficient W C').
+    """
+    if not (top > 0 and mean > 0):
+        raise CordaError("the spectrum for the condition factor is zero.")
+    low = max(low, 1e-12 * top)
+    return 0.5 * math.log(d_out) + 0.5 * math.log(top / mean) - math.log(low / mean)
+
+
+def paper_selection(singular_values: torch.Tensor, log_pi: float, r: int) -> float:
+    """The paper's selection score of one candidate covariance at rank ``r`` (KPM), negated so that
+    higher is better like every other score here: ``-log pi * sum_{j<=r} s_{-j} / s_max``, where
+    ``s_{-j}`` is the j-th smallest singular value of W C'. A candidate wins when its r smallest
+    components are small against its largest (little context in the adapter) and its covariance is
+    well conditioned."""
+    s = torch.as_tensor(singular_values, dtype=torch.float64).flatten().clamp_min(0).sort().values
+    top = float(s[-1])
+    return -log_pi * float(s[:r].sum()) / top if top > 0 else 0.0
+
+
+def paper_rank_scores(singular_values: torch.Tensor, log_pi: float, params_per_rank: int) -> torch.Tensor:
+    """The paper's greedy allocation as cumulative scores for :func:`greedy_ranks` (KPM).
+
+    The paper grants one more rank to the layer with the lowest cost
+    ``log pi * s_{-r} / sum_{k=1..m-r} s_k`` (the r-th smallest component against the components
+    still frozen), without weighing the layer's parameter cost. ``greedy_ranks`` picks the largest
+    change of score per parameter, so the score at rank r is ``-params_per_rank * (cost_1 + ... +
+    cost_r)``; each step's change per parameter is then ``-cost_r``, and the two greedies pick the
+    same layer. The costs grow with r (a larger numerator, a smaller denominator), so the greedy
+    is the paper's. Unchanged by the scale of W and of C (only ratios of s enter, and ``log pi``
+    is scale-free).
+    """
+    s = torch.as_tensor(singular_values, dtype=torch.float64).flatten().clamp_min(0).sort().values
+    m = s.shape[0]
+    frozen = s.flip(0).cumsum(0).flip(0)  # frozen[j] = sum of all but the j smallest = sum_{k<=m-j} (descending)
+    cost = torch.full((m,), math.inf, dtype=torch.float64)
+    rest = frozen[1:]  # step r (1-based) leaves the m - r largest frozen
+    ok = rest > 0
+    cost[:-1][ok] = log_pi * s[:-1][ok] / rest[ok]
+    cost[:-1][~ok] = 0.0  # nothing left frozen means nothing to protect: W C' is zero beyond here
+    return torch.cat([s.new_zeros(1), -params_per_rank * cost.cumsum(0)])
+
+
+def component_energies(S: torch.Tensor, VhCinv: torch.Tensor, heldout: torch.Tensor) -> torch.Tensor:
+    """Output energy of each component ``s_i u_i v_i^T C'^{-1}`` on held-out inputs with covariance
+    ``heldout`` (H): ``s_i^2 * a_i^T H a_i`` with ``a_i = C'^{-1} v_i``. The ``u_i`` are orthonormal,
+    so the energies of any set of components add up exactly: no cross terms."""
+    a = VhCinv.to(torch.float64)
+    return S.to(torch.float64).square() * ((a @ heldout.to(torch.float64)) * a).sum(1)
+
+
+def output_energy(weight: torch.Tensor, heldout: torch.Tensor) -> float:
+    """``tr(W H W^T)``: the layer's whole output energy on the held-out inputs (per token)."""
+    w = weight.to(torch.float64)
+    return float(((w @ heldout.to(torch.float64)) * w).sum())
+
+
+def heldout_rank_scores(energies: torch.Tensor, total: float, mode: str, m: int) -> torch.Tensor:
+    """The "heldout" score at every rank r = 0..m from the kept components' held-out energies.
+
+    ``energies`` are those of the kept components in descending singular-value order (KPM keeps the
+    smallest, and the adapter takes the last r of them; IPM keeps the largest and takes the first
+    r). KPM: ``1 - (energy of the adapter's components) / total``, the share of the layer's output
+    on data the covariance never saw that stays frozen; IPM: the adapter's share. Higher is better.
+    No condition number enters: a covariance that saw fewer directions puts components where the
+    held-out data has energy, and is scored on it. Unchanged by the scale of W, C and H (a ratio of
+    energies that scale together). Ranks above the kept components repeat the last score; the
+    allocation never reaches them (``high`` caps it).
+    """
+    if mode not in ("kpm", "ipm"):
+        raise CordaError(f"mode={mode!r} is not 'kpm' or 'ipm'.")
+    e = torch.as_tensor(energies, dtype=torch.float64).flatten().clamp_min(0)
+    k = e.shape[0]
+    if not total > 0:
+        return torch.full((m + 1,), 1.0 if mode == "kpm" else 0.0, dtype=torch.float64)
+    taken = e.flip(0) if mode == "kpm" else e
+    share = torch.cat([e.new_zeros(1), taken.cumsum(0) / total])
+    scores = 1.0 - share if mode == "kpm" else share
+    return torch.cat([scores, scores[-1].repeat(m - k)]) if m > k else scores[: m + 1]
+
+
 @dataclass(frozen=True)
 class RankRequest:
     """One layer as the allocator sees it."""

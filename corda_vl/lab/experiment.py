@@ -292,7 +292,8 @@ def run_method(recipe: Recipe, setting: Setting, stores: dict[int, tuple[Path, f
                    retention={k: _score(before, scores, k) for k in scores if k != recipe.task}, seconds=secs,
                    scale=scale, seed=setting.seed, lr=setting.lr, weight_decay=setting.weight_decay,
                    update=update if scale is None else None, losses=result.losses if scale is None else None,
-                   task_curve=dict(curve) if curve and scale is None else None)
+                   task_curve=dict(curve) if curve and scale is None else None,
+                   ranks=record.rank_histograms() if budget is not None and scale is None else None)
 
     runs = [row(after, seconds)]
     for t in cfg.scales if cfg.scale_sweep else []:

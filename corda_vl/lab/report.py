@@ -49,7 +49,7 @@ from corda_vl.lab.plots import Point, plot_retention
 from corda_vl.lab.eval.metrics import average_retention, lower_is_better, relative_retention as metric_retention
 
 RUN_KEYS = ("method", "mode", "trainable_params", "task", "retention", "seconds")
-OPTIONAL_RUN_KEYS = ("seed", "lr", "weight_decay", "update", "losses", "task_curve")
+OPTIONAL_RUN_KEYS = ("seed", "lr", "weight_decay", "update", "losses", "task_curve", "ranks")
 TASK_KEYS = ("name", "metric", "before", "after")
 SCORE_KEYS = ("metric", "before", "after")
 
@@ -109,6 +109,9 @@ class Run:
     task_curve: dict[int, float] | None = help_field(
         "{step: task score} measured during training (task_eval_every); the last entry is the final score.",
         default=None)
+    ranks: dict[str, dict[str, dict[str, int]]] | None = help_field(
+        "Allocated ranks (corda++): BuildRecord.rank_histograms(), layers per rank per group and per "
+        "projection type.", default=None)
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not self.method:
@@ -267,7 +270,7 @@ def run_from_dict(obj: Any, where: str = "run") -> Run:
                    trainable_params=obj["trainable_params"], task_name=obj["task"]["name"], task=task_score,
                    retention=scores, seconds=obj["seconds"], scale=obj.get("scale"), seed=obj.get("seed"),
                    lr=obj.get("lr"), weight_decay=obj.get("weight_decay"), update=obj.get("update"),
-                   losses=obj.get("losses"),
+                   losses=obj.get("losses"), ranks=obj.get("ranks"),
                    task_curve={int(k): v for k, v in obj["task_curve"].items()} if obj.get("task_curve") else None)
     except CordaError as exc:
         raise CordaError(f"{where}: {exc}") from None
@@ -376,6 +379,14 @@ def render_markdown(recipe: str, model: str, runs: list[Run]) -> str:
         lines += ["", "## Adapter-scale sweeps", "",
                   "The same trained adapter evaluated at each scale (0 = base model, 1 = as trained).", "",
                   *_table(sweep, benchmarks, with_scale=True)]
+    allocated = [r for r in plain if r.ranks]
+    if allocated:
+        lines += ["", "## Allocated ranks", "", "Layers per rank (rank×layers), per group and per projection type.", ""]
+        for run in allocated:
+            where = ", ".join(f"{k} {v:g}" for k, v in (("seed", run.seed), ("lr", run.lr)) if v is not None)
+            lines.append(f"* {run.label}{f' ({where})' if where else ''}: " + "; ".join(
+                f"{key}: " + " ".join(f"{rank}×{n}" for rank, n in counts.items())
+                for kind in ("group", "projection") for key, counts in run.ranks.get(kind, {}).items()))
     lines += ["", "![task gain vs retention](plot.png)", ""]
     return "\n".join(lines)
 

@@ -122,7 +122,8 @@ def for_each_input(targets: list[Target], store: CovarianceStore | None, work, *
 
 
 def damped_input(store: CovarianceStore, key: str, source: str | None, config: CordaConfig, device: torch.device,
-                 name: str | None = None):
-    """The damped covariance of one input as the config asks for it (damping, normalisation, dtype)."""
+                 name: str | None = None, without_split: str | None = None):
+    """The damped covariance of one input as the config asks for it (damping, normalisation, dtype),
+    leaving out the calibration split ``without_split`` if given."""
     return store.damped(key, source, config.damping, config.covariance_normalization == "mean_diag",
-                        getattr(torch, config.decompose_dtype), device, name=name)
+                        getattr(torch, config.decompose_dtype), device, name=name, without_split=without_split)

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from corda_vl.decomposition.compactness import RankRequest, greedy_ranks, rank_scores, select_best
+from corda_vl.decomposition.compactness import (RankRequest, component_energies, greedy_ranks, heldout_rank_scores,
+                                                 log_condition, output_energy, paper_rank_scores, paper_selection,
+                                                 rank_scores, select_best)
 from corda_vl.decomposition.cosvd import (Components, balance_factors, co_svd, components, context_share,
                                           eigen_range, factors_from)
 from corda_vl.deprecation import module_getattr
@@ -101,30 +103,80 @@ def _gather_choices(local: dict[str, LayerChoice], targets: list[Target]) -> dic
     return {t.name: local.get(t.name) or replace(merged[t.name], target=t) for t in targets if t.name in merged}
 
 
+def heldout_split(store: CovarianceStore, key: str, config: CordaConfig) -> str | None:
+    """The split every candidate is scored on and built without (compactness='heldout'), else None."""
+    if config.compactness != "heldout":
+        return None
+    splits = store.splits_for(key)
+    if config.heldout_split is not None:
+        if config.heldout_split not in splits:
+            raise CordaError(f"heldout_split={config.heldout_split!r} is not a split of {key!r}'s covariances "
+                             f"(splits: {splits}).")
+        return config.heldout_split
+    if len(splits) < 2:
+        raise CordaError(f"compactness='heldout' scores each candidate on a calibration split it did not see, and "
+                         f"the store has {len(splits)} split(s) for {key!r}. Collect with "
+                         f"collect_covariances(..., splits=2) or more (recipes: calib_splits: 2).")
+    return splits[-1]
+
+
+def _score(weight: torch.Tensor, triplets, cov, spectrum: tuple[float, float], choice: LayerChoice,
+           config: CordaConfig, heldout: torch.Tensor | None) -> tuple[torch.Tensor, float, Components | None]:
+    """(score at every rank, the candidate's selection score, its components if they were needed)."""
+    s = triplets.singular_values
+    nominal = min(choice.nominal, choice.high)
+    if config.compactness == "bound":
+        scores = rank_scores(s, spectrum, choice.mode)
+        return scores, float(scores[nominal]), None
+    if config.compactness == "paper":
+        if config.compactness_spectrum == "weighted":
+            low, mean, top = float(s.min()), float(s.mean()), float(s.max())
+        else:
+            low, mean, top = spectrum[0], float(cov.matrix.diagonal().mean()), spectrum[1]
+        log_pi = log_condition(low, mean, top, weight.shape[0])
+        return paper_rank_scores(s, log_pi, sum(weight.shape)), paper_selection(s, log_pi, nominal), None
+    parts = components(triplets, cov)
+    energies = component_energies(parts.S, parts.VhCinv, heldout)
+    scores = heldout_rank_scores(energies, output_energy(weight, heldout), choice.mode, s.shape[0])
+    return scores, float(scores[nominal]), parts
+
+
 def _analyse_input(key: str, members: list[Target], store: CovarianceStore, config: CordaConfig, base: str,
                    keep_components: bool, choices: dict[str, LayerChoice]) -> None:
     """Score every candidate covariance of one input for the modules reading it."""
     device = members[0].module.weight.device
+    held = heldout_split(store, key, config)
+    heldout = None if held is None else store.covariance(key, base, split=held, held_out=True).to(device)
+    seen: set[tuple[str, ...]] = set()
     for source in candidate_sources(store, key, base, config.candidates):
-        cov = damped_input(store, key, source, config, device, name=f"{key} [{source}]")
+        if held is not None:
+            try:  # the held-out split is left out of every candidate; one made of it alone drops out
+                leaves = tuple(store.leaves(key, source, split=held))
+            except CordaError:
+                continue
+            if leaves in seen:  # e.g. 'calib' without split1 is 'calib/split0': decompose it once
+                continue
+            seen.add(leaves)
+        cov = damped_input(store, key, source, config, device, name=f"{key} [{source}]", without_split=held)
         spectrum = eigen_range(cov)
         for t in members:
             choice = choices.get(t.name) or _new_choice(t, config, source)
             choices[t.name] = choice
+            weight = t.module.weight.detach()
             try:
-                triplets = co_svd(t.module.weight.detach(), cov, choice.high, choice.mode, config.svd,
-                                  config.lowrank_niter)
+                triplets = co_svd(weight, cov, choice.high, choice.mode, config.svd, config.lowrank_niter)
             except (DecompositionError, torch.linalg.LinAlgError) as exc:
                 raise DecompositionError(f"module {t.name!r} [{source}]: {exc}") from exc
-            scores = rank_scores(triplets.singular_values, spectrum, choice.mode)
-            choice.scores[source] = float(scores[min(choice.nominal, choice.high)])
+            scores, selection, parts = _score(weight, triplets, cov, spectrum, choice, config, heldout)
+            choice.scores[source] = selection
             if select_best(choice.scores) == source:
                 choice.source = source
                 choice.rank_scores = tuple(scores.tolist())
                 choice.singular_values = triplets.singular_values
-                choice.parts = components(triplets, cov) if keep_components else None
-                choice.details = {"input": key, "damping": cov.damping, "tokens": store.count(key, source),
-                                  "svd": triplets.path, "condition": spectrum[1] / spectrum[0]}
+                choice.parts = (parts or components(triplets, cov)) if keep_components else None
+                choice.details = {"input": key, "damping": cov.damping, "tokens": store.count(key, source, held),
+                                  "svd": triplets.path, "condition": spectrum[1] / spectrum[0],
+                                  **({"heldout_split": held} if held else {})}
         del cov
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import text_batches, tiny_llama
 
 from corda_vl import CacheError, CordaError, CovarianceStore, collect_covariances
 from corda_vl.calibration.store import model_fingerprint
@@ -101,3 +101,21 @@ def test_damped_covariance_equals_damping_a_copy_and_leaves_the_sums_alone(store
     expected = damp_covariance(s.covariance(key), (1e-4, 1e-2))
     assert torch.equal(damped.matrix, expected.matrix) and damped.damping == expected.damping
     assert all(torch.equal(sums[k], v) for k, v in s.sums.items())
+
+
+def test_a_split_can_be_left_out_or_taken_alone(llama):
+    """Three random splits: the covariance without split2 is the token-weighted mean of split0 and
+    split1, the held-out one is split2's, and 'calib' without split2 and 'calib/split2' alone
+    have no data in common."""
+    store = collect_covariances(llama, text_batches(6), splits=3, progress=False)
+    name = store.modules[0]
+    assert store.splits_for(name) == ["split0", "split1", "split2"]
+    n0, n1 = store.count(name, "calib/split0"), store.count(name, "calib/split1")
+    expected = (store.sum(name, "calib/split0").double() + store.sum(name, "calib/split1").double()) / (n0 + n1)
+    torch.testing.assert_close(store.covariance(name, "calib", split="split2"), expected)
+    assert store.count(name, "calib", "split2") == n0 + n1
+    torch.testing.assert_close(store.covariance(name, "calib", split="split2", held_out=True),
+                               store.covariance(name, "calib/split2"))
+    assert store.leaves(name, "calib", split="split2") == ["calib/split0", "calib/split1"]
+    with pytest.raises(CordaError, match="no data outside split 'split2'"):
+        store.leaves(name, "calib/split2", split="split2")

@@ -150,3 +150,14 @@ def test_writer_refuses_bad_input(tmp_path):
         write_report(tmp_path, "r", "m", [])
     with pytest.raises(CordaError, match="not both"):
         make_run("corda++", rank=8, budget=100)
+
+
+def test_allocated_ranks_round_trip_and_show_in_the_report(tmp_path):
+    ranks = {"group": {"language": {"2": 5, "8": 3}}, "projection": {"q_proj": {"8": 3}, "down_proj": {"2": 5}}}
+    run = make_run("corda++", rank=None, budget=100_000)
+    run.ranks, run.seed, run.lr = ranks, 1, 0.001
+    paths = write_report(tmp_path, "r", "m", [run, make_run("lora", mode=None)])
+    assert load_results(paths["results"])[2][0].ranks == ranks
+    text = paths["report"].read_text()
+    assert "## Allocated ranks" in text
+    assert "* corda++ kpm budget 100,000 (seed 1, lr 0.001): language: 2×5 8×3; q_proj: 8×3; down_proj: 2×5" in text

@@ -33,11 +33,14 @@ def adapter_ranks(peft_model):
             if hasattr(m, "lora_A") and m.lora_A}
 
 
-@pytest.mark.parametrize("mode", ["kpm", "ipm"])
-def test_unchanged_at_init_within_budget_and_bounds(llama, split_store, mode):
+METRIC_MODES = [("bound", "kpm"), ("bound", "ipm"), ("paper", "kpm"), ("heldout", "kpm"), ("heldout", "ipm")]
+
+
+@pytest.mark.parametrize("metric, mode", METRIC_MODES)
+def test_unchanged_at_init_within_budget_and_bounds(llama, split_store, metric, mode):
     batch = text_batches(1, seed=9)[0]
     ref = logits(llama, batch)
-    config = CordaConfig(method="corda++", mode=mode, r=4, alpha=8)
+    config = CordaConfig(method="corda++", mode=mode, r=4, alpha=8, compactness=metric)
     peft_model = build_corda(llama, split_store, config, progress=False)
     torch.testing.assert_close(logits(peft_model, batch), ref, atol=2e-5, rtol=0)
     record = build_record(peft_model)
@@ -54,8 +57,9 @@ def test_unchanged_at_init_within_budget_and_bounds(llama, split_store, mode):
         assert info["source"] in ("calib", "calib/split0", "calib/split1", "calib/split2")
 
 
-def test_dry_run_equals_the_build(llama, split_store):
-    config = CordaConfig(method="corda++", r=4, rank_step=2, budget=3000)
+@pytest.mark.parametrize("metric", ["bound", "paper", "heldout"])
+def test_dry_run_equals_the_build(llama, split_store, metric):
+    config = CordaConfig(method="corda++", r=4, rank_step=2, budget=3000, compactness=metric)
     dry = allocate_ranks(llama, split_store, config, progress=False)
     assert plan(llama, config, split_store).ranks == dry.ranks  # plan() delegates for corda++
     peft_model = build_corda(llama, split_store, config, progress=False)
@@ -63,6 +67,11 @@ def test_dry_run_equals_the_build(llama, split_store):
     assert dry.ranks == adapter_ranks(peft_model)
     assert dry.sources == {n: i["source"] for n, i in record.modules.items()}
     assert dry.budget == 3000 and dry.trainable == record.budget["realised"]
+    hist = record.rank_histograms()
+    for kind in ("group", "projection"):  # every layer counted once, at its rank
+        assert sum(n for counts in hist[kind].values() for n in counts.values()) == len(record.modules)
+    q_ranks = sorted(str(r) for n, r in dry.ranks.items() if n.endswith("q_proj"))
+    assert sorted(r for r, n in hist["projection"]["q_proj"].items() for _ in range(n)) == q_ranks
     text = str(dry)
     assert "budget 3,000" in text and "calib/split" in text
 
@@ -103,9 +112,11 @@ def test_fixed_ranks_and_one_source_reproduce_corda(llama, batches):
         torch.testing.assert_close(a[key], b[key], atol=1e-7, rtol=0)
 
 
-def test_save_loads_in_stock_peft_with_rank_pattern(llama, split_store, tmp_path):
+@pytest.mark.parametrize("metric", ["bound", "paper", "heldout"])
+def test_save_loads_in_stock_peft_with_rank_pattern(llama, split_store, tmp_path, metric):
     batch = text_batches(1, seed=9)[0]
-    peft_model = build_corda(llama, split_store, CordaConfig(method="corda++", r=4), progress=False)
+    peft_model = build_corda(llama, split_store, CordaConfig(method="corda++", r=4, compactness=metric),
+                             progress=False)
     ref = logits(peft_model, batch)
     out = save_corda(peft_model, tmp_path / "pp")
     stock = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(out / "residual"), out / "adapter")
@@ -226,3 +237,36 @@ def test_bad_configs_are_explained(llama, split_store):
     with pytest.raises(CordaError, match="method='corda\\+\\+'"):
         allocate_ranks(llama, split_store, CordaConfig(), progress=False)
     assert not any("lora" in n for n, _ in llama.named_modules())  # failures left the model alone
+
+
+def test_heldout_scores_every_candidate_on_a_split_none_of_them_saw(llama, split_store):
+    """splits 0-2: split2 is held out, so 'calib' is built from splits 0 and 1, 'calib/split2' is
+    no candidate, and the scores equal a direct computation on split2's covariance."""
+    from corda_vl.decomposition.compactness import component_energies, heldout_rank_scores, output_energy
+    from corda_vl.decomposition.cosvd import co_svd, components, damp_covariance
+
+    config = CordaConfig(method="corda++", r=4, compactness="heldout", damping=(1e-4,))
+    name = "model.layers.0.self_attn.q_proj"
+    weight = llama.get_submodule(name).weight.detach().clone()  # the build leaves the residual in its place
+    info = build_record(build_corda(llama, split_store, config, progress=False)).modules[name]
+    assert set(info["candidates"]) == {"calib", "calib/split0", "calib/split1"} and info["heldout_split"] == "split2"
+    assert info["tokens"] == split_store.count(name, info["source"], "split2")  # built without split2
+    held = split_store.covariance(name, "calib/split2")
+    for source in ("calib", "calib/split0"):
+        cov = split_store.covariance(name, source, split="split2")
+        damped = damp_covariance(cov, (1e-4,))
+        rank_max = 8
+        parts = components(co_svd(weight, damped, rank_max, "kpm", svd="full"), damped)
+        expected = heldout_rank_scores(component_energies(parts.S, parts.VhCinv, held), output_energy(weight, held),
+                                       "kpm", min(weight.shape))[4]
+        assert info["candidates"][source] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_heldout_needs_splits_and_paper_needs_kpm(llama, batches):
+    store = collect_covariances(llama, batches, progress=False)
+    with pytest.raises(CordaError, match="splits=2"):
+        build_corda(llama, store, CordaConfig(method="corda++", r=4, compactness="heldout"), progress=False)
+    with pytest.raises(CordaError, match="KPM"):
+        CordaConfig(method="corda++", mode="ipm", compactness="paper")
+    with pytest.raises(CordaError, match="compactness="):
+        CordaConfig(method="corda++", compactness="best")
