@@ -74,7 +74,7 @@ def parse_recipe(doc: str, config_path: str | Path, argv: Sequence[str] | None =
 
 
 def _needs_store(method: str) -> bool:
-    return not is_baseline(method) and get_method(method).needs_store
+    return not is_baseline(method) and get_method(method.partition(":")[0]).needs_store
 
 
 def _needs_batches(method: str) -> bool:
@@ -156,7 +156,7 @@ class Setting:
 
     @property
     def path(self) -> str:
-        return f"{self.method.replace('+', 'p')}/lr{self.lr:g}_wd{self.weight_decay:g}/seed{self.seed}"
+        return f"{self.method.replace('+', 'p').replace(':', '-')}/lr{self.lr:g}_wd{self.weight_decay:g}/seed{self.seed}"
 
 
 def run_seeds(cfg: RecipeConfig) -> list[int]:

@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-from corda_vl.config import CordaConfig, help_field
+from corda_vl.config import COMPACTNESS, CordaConfig, help_field
 from corda_vl.errors import CordaError
 from corda_vl.lab.baselines import BASELINES
 from corda_vl.lab.resources import merge_overrides
@@ -52,7 +52,8 @@ class RecipeConfig:
     device: str = help_field("'auto' (cuda when a GPU is visible, else cpu) or a torch device such as 'cuda:1'.",
                              default="auto")
     methods: list[str] = help_field(
-        "Methods to compare, in this order (any of corda_vl.methods.method_names()).",
+        "Methods to compare, in this order (any of corda_vl.methods.method_names(), the PEFT baselines, "
+        "or corda++:<metric> for CorDA++ with compactness bound, paper or heldout).",
         default_factory=lambda: ["lora", "corda", "corda++"])
     mode: Literal["kpm", "ipm"] = help_field(
         "'kpm': calibrate on the knowledge to keep, so the adapter starts in the directions that carry least of "
@@ -146,12 +147,12 @@ class RecipeConfig:
                                  f"or with {_flag(f.name)}.")
         if not self.methods:
             raise CordaError("methods is empty: name at least one, e.g. --methods lora,corda.")
-        choices = (*method_names(), *BASELINES)
+        choices = (*method_names(), *BASELINES, *(f"corda++:{m}" for m in COMPACTNESS))
         unknown = [m for m in [*self.methods, *(self.lr_methods or [])] if m not in choices]
         if unknown:
             raise CordaError(f"unknown method(s) {unknown}: choose one or more of {', '.join(choices)} "
-                             "(e.g. --methods lora,corda,corda++), or register a new one with "
-                             "corda_vl.methods.register_method.")
+                             "(e.g. --methods lora,corda,corda++; corda++:<metric> picks CorDA++'s compactness "
+                             "metric), or register a new one with corda_vl.methods.register_method.")
         if len(set(self.seeds or [])) != len(self.seeds or []) or len(set(self.lrs or [])) != len(self.lrs or []):
             raise CordaError(f"seeds {self.seeds} and lrs {self.lrs} must not repeat a value.")
         known = {f.name for f in fields(CordaConfig)}
@@ -198,6 +199,7 @@ class RecipeConfig:
         only the initialisation differs. A PEFT baseline (peft-corda, eva, mica) gets lora's."""
         if method in BASELINES:
             method = "lora"
+        method, _, metric = method.partition(":")  # corda++:heldout = corda++ with that compactness metric
         kwargs: dict[str, Any] = dict(
             method=method, r=self.rank, alpha=self.alpha, groups=self.groups, target_modules=self.target_modules,
             exclude_modules=self.exclude_modules, group_ranks=dict(self.group_ranks))
@@ -206,6 +208,8 @@ class RecipeConfig:
             kwargs["mode"] = self.mode
         if method == "corda++":
             kwargs.update(budget=self.budget, **self.cordapp)
+            if metric:
+                kwargs["compactness"] = metric
         return CordaConfig(**kwargs)
 
 

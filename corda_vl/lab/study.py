@@ -176,7 +176,7 @@ def _pairs(arms: list[Arm]) -> list[tuple[Arm, Arm]]:
             if ref is not None and ref is not a:
                 out.append((a, ref))
         # CorDA++ and PEFT's CorDA are each also judged against this library's CorDA
-        if r.method in ("corda++", "peft-corda") and ("corda", r.lr, r.weight_decay or 0.0) in by:
+        if (r.method.startswith("corda++") or r.method == "peft-corda") and ("corda", r.lr, r.weight_decay or 0.0) in by:
             out.append((a, by[("corda", r.lr, r.weight_decay or 0.0)]))
     return out
 

@@ -64,6 +64,19 @@ def test_the_config_gives_the_train_and_corda_configs(name):
     assert (cordapp.method, cordapp.r, cordapp.mode, cordapp.budget) == ("corda++", cfg.rank, "kpm", None)
     assert cordapp.target_modules == cfg.target_modules and cordapp.groups == cfg.groups
     assert cfg.corda_config("lora").budget is None  # the budget is corda++'s alone
+    assert cordapp.compactness == "bound"
+
+
+def test_a_corda_plus_plus_variant_picks_its_compactness_metric():
+    cfg = LlamaRecipeConfig.from_yaml(yaml_path("llama_kpm"), overrides={"methods": ["corda++", "corda++:heldout"],
+                                                                         "lr_methods": ["corda++:heldout"]})
+    variant = cfg.corda_config("corda++:heldout")
+    assert (variant.method, variant.compactness, variant.budget) == ("corda++", "heldout", cfg.budget)
+    assert variant.damping == cfg.corda_config("corda++").damping  # everything else as corda++
+    from corda_vl.lab.experiment import Setting
+    assert Setting("corda++:heldout", 0.001, 0.0, 0).path == "cordapp-heldout/lr0.001_wd0/seed0"
+    with pytest.raises(CordaError, match=r"unknown method\(s\) \['corda\+\+:best'\]"):
+        LlamaRecipeConfig.from_yaml(yaml_path("llama_kpm"), overrides={"methods": ["corda++:best"]})
 
 
 def test_every_train_config_field_is_a_recipe_field_with_the_same_default():
@@ -101,7 +114,8 @@ def test_an_unknown_key_is_refused_with_a_guess_and_the_known_keys(tmp_path):
 
 def test_unknown_methods_and_bad_modes_are_refused_with_the_remedy(tmp_path):
     with pytest.raises(CordaError, match=r"unknown method\(s\) \['dora'\]: choose one or more of lora, .*corda\+\+, "
-                                         r"peft-corda, eva, mica \(e\.g\. --methods lora,corda,corda\+\+\), or register"):
+                                         r"peft-corda, eva, mica, corda\+\+:bound, corda\+\+:paper, corda\+\+:heldout "
+                                         r"\(e\.g\. --methods lora,corda,corda\+\+; corda\+\+:<metric> .*\), or register"):
         LlamaRecipeConfig.from_yaml(yaml_path("llama_kpm"), overrides={"methods": ["lora", "dora"]})
     path = write_variant(tmp_path, "llama_kpm", mode="both")
     with pytest.raises(CordaError, match=r"llama_kpm\.yaml: mode must be 'kpm' or 'ipm', got 'both'; fix it in the "
