@@ -223,6 +223,14 @@ def _matched_cell(m: dict[str, Any] | None, path: Path, task_scale: float) -> st
             f"({where})")
 
 
+def _stages(prov: dict[str, Any]) -> str:
+    """' (train 36 min, eval 4 min, ...)': where the runs' time went, summed over runs."""
+    stages = prov.get("run_seconds") or {}
+    if not stages:
+        return ""
+    return " (" + ", ".join(f"{k} {v / 60:.0f} min" for k, v in sorted(stages.items(), key=lambda kv: -kv[1])) + ")"
+
+
 def study_table(folder: Path) -> list[str]:
     """One study, compact: each method at the recipe's learning rate (task and retention, mean over
     seeds [95 % interval]) and its retention at matched task score against LoRA; CorDA++ against
@@ -242,7 +250,7 @@ def study_table(folder: Path) -> list[str]:
     against_lora = {m["method"]: m for m in matched if m["reference"].startswith("lora")}
     lines = [f"**{need(prov, prov_path, 'study')}** (`{need(prov, prov_path, 'command')}`; {len(seeds)} seeds; "
              f"items: {', '.join(f'{b} {n}' for b, n in items.items())}; commit {commits}; "
-             f"{f'{wall / 3600:.1f} h' if wall >= 3600 else f'{wall / 60:.0f} min'} of study wall time; "
+             f"{f'{wall / 3600:.1f} h' if wall >= 3600 else f'{wall / 60:.0f} min'} of study wall time{_stages(prov)}; "
              f"[`{_shown(folder)}`]({_shown(folder)}/study.md))", "",
              f"| method | {task} ({metrics[task]}), lr {lr:g} | retention, lr {lr:g} "
              "| retention − LoRA's at matched task score |", "|---|---|---|---|",

@@ -126,14 +126,16 @@ def _study_folder(root, name="2026-12-05-demo"):
     (folder / "study.json").write_text(json.dumps(study))
     (folder / "config.json").write_text(json.dumps({"lr": 0.001}))
     (folder / "provenance.json").write_text(json.dumps({"study": "demo", "command": "python x.py demo",
-                                                        "sittings": [{"wall_seconds": 3600, "commit": "abc1234"}]}))
+                                                        "sittings": [{"wall_seconds": 3600, "commit": "abc1234"}],
+                                                        "run_seconds": {"eval": 600.0, "train": 2400.0}}))
     return folder
 
 
 def test_study_block_is_generated_from_the_dated_folders(tmp_path):
     _study_folder(tmp_path)
     block = summary.render_studies(tmp_path)
-    assert "**demo** (`python x.py demo`; 3 seeds; items: t 50, r 60; commit abc1234; 1.0 h" in block
+    assert ("**demo** (`python x.py demo`; 3 seeds; items: t 50, r 60; commit abc1234; 1.0 h of study wall time "
+            "(train 40 min, eval 10 min)") in block
     assert "| method | t (acc), lr 0.001 | retention, lr 0.001 |" in block
     assert "| lora r4 | 60.0 [55.0, 65.0] | 0.960 [0.950, 0.970] | – |" in block
     assert "0.900" not in block  # the table shows the recipe's learning rate; the sweep is in study.md
