@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from corda_vl.config import help_field
-from corda_vl.atomic import atomic_dir
+from corda_vl.atomic import atomic_dir, atomic_file
 from corda_vl.scaleout.distributed import all_reduce_gradients, all_reduce_sum, broadcast_parameters, world
 from corda_vl.errors import CordaError
 
@@ -122,7 +122,9 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], optimizer, config: TrainConfig,
-                    fingerprint: dict) -> Path:
+                    fingerprint: dict, log: list[str] | None = None) -> Path:
+    """Parameters, AdamW state, settings and the log lines so far, in one folder written atomically:
+    a resume takes its loss history from here, never from a top-level log a kill may have cut."""
     from safetensors.torch import save_file
 
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
@@ -135,6 +137,8 @@ def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], o
     with atomic_dir(target, overwrite=True) as tmp:
         save_file(tensors, str(tmp / "trainable.safetensors"))
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "config": asdict(config), **fingerprint}, indent=2))
+        if log is not None:
+            (tmp / LOG_FILE).write_text("".join(line + "\n" for line in log))
     for _, old in _checkpoint_dirs(out_dir)[:-max(1, config.keep_checkpoints)]:
         _remove_tree(old)
     return target
@@ -183,10 +187,31 @@ class TrainResult:
 
 
 def _log_lines(path: Path, keep_below: int) -> list[str]:
-    """Log lines of steps before ``keep_below`` (a resumed run rewrites the rest)."""
+    """Log lines of steps before ``keep_below`` (a resumed run rewrites the rest). Lines that do not
+    parse (a log cut by a kill under an older version) are dropped, not fatal."""
     if not path.is_file():
         return []
-    return [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < keep_below]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] < keep_below:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return kept
+
+
+def _resumed_log(checkpoint: Path | None, log_path: Path, start: int) -> list[str]:
+    """The log up to ``start``: the checkpoint's own copy (written with it, atomically), else the
+    top-level log (checkpoints of older versions carry none)."""
+    if checkpoint is not None and (checkpoint / LOG_FILE).is_file():
+        return _log_lines(checkpoint / LOG_FILE, start)
+    return _log_lines(log_path, start)
+
+
+def _write_log(path: Path, log: list[str]) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in log))
 
 
 def train(model: nn.Module, rows: Sequence[Any], loss_fn: Callable[[nn.Module, list[Any]], torch.Tensor],
@@ -239,7 +264,7 @@ def train(model: nn.Module, rows: Sequence[Any], loss_fn: Callable[[nn.Module, l
     if checkpoint is not None:
         start = resumed = load_checkpoint(checkpoint, params, optimizer, fingerprint)
     log_path = out / LOG_FILE
-    log = _log_lines(log_path, start)
+    log = _resumed_log(checkpoint, log_path, start)
     losses = [json.loads(line)["loss"] for line in log]
     model.train()
     t0 = time.perf_counter()
@@ -276,9 +301,9 @@ def train(model: nn.Module, rows: Sequence[Any], loss_fn: Callable[[nn.Module, l
             on_step(done)
         if accelerator.is_main_process and (done == config.steps or
                                              (config.checkpoint_every and done % config.checkpoint_every == 0)):
-            log_path.write_text("\n".join(log) + "\n")
-            save_checkpoint(out, done, params, optimizer, config, fingerprint)
+            save_checkpoint(out, done, params, optimizer, config, fingerprint, log)
+            _write_log(log_path, log)
     model.eval()
     if accelerator.is_main_process:
-        log_path.write_text("\n".join(log) + "\n")
+        _write_log(log_path, log)
     return TrainResult(config.steps, losses, time.perf_counter() - t0, resumed)

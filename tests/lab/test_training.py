@@ -97,7 +97,36 @@ def test_checkpoints_are_safetensors_and_json_and_only_the_latest_are_kept(tmp_p
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["step-000004", "step-000006"]
     files = sorted(p.name for p in (tmp_path / "checkpoints" / "step-000006").iterdir())
-    assert files == ["state.json", "trainable.safetensors"]
+    assert files == ["state.json", "train_log.jsonl", "trainable.safetensors"]
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut line", "missing"])
+def test_a_damaged_top_level_log_does_not_lose_steps_on_resume(tmp_path, damage):
+    """A kill used to leave train_log.jsonl empty or cut mid-line; the resumed history comes from
+    the checkpoint's own copy of the log, so it is complete and equal to an uninterrupted run's."""
+    full = train(fresh(), ROWS, loss_fn, TrainConfig(**CONFIG), tmp_path / "full", progress=False)
+    calls = []
+
+    def dies_at_step_5(model, rows):
+        calls.append(1)
+        if len(calls) == 5:
+            raise Interrupt
+        return loss_fn(model, rows)
+
+    out = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        train(fresh(), ROWS, dies_at_step_5, TrainConfig(**CONFIG), out, progress=False)
+    log = out / "train_log.jsonl"
+    if damage == "empty":
+        log.write_text("")
+    elif damage == "cut line":
+        log.write_text(log.read_text()[:-20])
+    else:
+        log.unlink()
+    resumed = train(fresh(), ROWS, loss_fn, TrainConfig(**CONFIG), out, resume=True, progress=False)
+    assert resumed.losses == full.losses
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == list(range(6))
+    assert not list(out.glob("*.tmp"))
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
