@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -15,6 +16,10 @@ MethodName = Literal["corda", "corda++", "lora", "pissa", "milora"]
 Mode = Literal["kpm", "ipm"]
 MODES = ("kpm", "ipm")
 NORMALIZATIONS = ("mean_diag", "none")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 COMPACTNESS = ("bound", "paper", "heldout")  # corda++ metrics (corda_vl.decomposition.compactness)
 DEFAULT_DAMPING = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -184,8 +189,16 @@ class CordaConfig:
             raise CordaError(f"mode={self.mode!r} is not one of {MODES}.")
         if not isinstance(self.r, int) or self.r < 1:
             raise CordaError(f"r={self.r!r} must be a positive integer.")
-        if self.alpha is not None and self.alpha <= 0:
-            raise CordaError(f"alpha={self.alpha!r} must be positive (or None for alpha = r).")
+        if self.alpha is not None and not (_finite(self.alpha) and self.alpha > 0):
+            raise CordaError(f"alpha={self.alpha!r} must be a finite positive number (or None for alpha = r).")
+        bad = {k: v for k, v in self.rank_pattern.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        if bad:
+            raise CordaError(f"rank_pattern {bad}: ranks must be positive integers.")
+        bad = {k: v for k, v in self.alpha_pattern.items() if not (_finite(v) and v > 0)}
+        if bad:
+            raise CordaError(f"alpha_pattern {bad}: alphas must be finite positive numbers.")
+        if not (_finite(self.lora_dropout) and 0 <= self.lora_dropout < 1):
+            raise CordaError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1).")
         if self.factor_balance not in ("sigma", "norm"):
             raise CordaError(f"factor_balance={self.factor_balance!r} must be 'sigma' or 'norm'.")
         if self.covariance_normalization not in NORMALIZATIONS:
@@ -223,8 +236,9 @@ class CordaConfig:
         if self.candidates is not None and not self.candidates:
             raise CordaError("candidates=[] leaves nothing to choose from; use None for every available source.")
         self.damping = tuple(float(x) for x in self.damping)
-        if not self.damping or any(x < 0 for x in self.damping) or list(self.damping) != sorted(self.damping):
-            raise CordaError(f"damping={self.damping!r} must be a non-empty ascending list of lam >= 0.")
+        if (not self.damping or any(not (_finite(x) and x >= 0) for x in self.damping)
+                or list(self.damping) != sorted(self.damping)):
+            raise CordaError(f"damping={self.damping!r} must be a non-empty ascending list of finite lam >= 0.")
         if isinstance(self.groups, str):
             self.groups = [self.groups]
         bad = {g: m for g, m in self.group_modes.items() if m not in MODES}

@@ -22,7 +22,7 @@ from corda_vl.calibration.store import CovarianceStore
 from corda_vl.errors import CordaError
 from corda_vl.families import detect_family
 from corda_vl.families.base import Family
-from corda_vl.targets import Target, resolve_targets
+from corda_vl.targets import Target, config_targets
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def plan(model: nn.Module, config: CordaConfig | None = None, store: CovarianceS
     family = family or detect_family(model)
     if config.method == "corda++" and store is not None:
         return allocate_ranks(model, store, config, family=family, progress=False)
-    targets = resolve_targets(model, family, config.groups, config.target_modules, config.exclude_modules)
+    targets = config_targets(model, family, config)
     method = get_method(config.method)
     source = store.resolve_source(config.source) if store is not None and method.needs_store else None
     rows = [_row(t, config.rank_for(t.name, t.group), config.alpha_for(t.name, t.group),
@@ -138,7 +138,7 @@ def allocate_ranks(model: nn.Module, store: CovarianceStore, config: CordaConfig
         raise CordaError(f"allocate_ranks is CorDA++'s allocation; got method={config.method!r}. "
                          f"Use CordaConfig(method='corda++', ...).")
     family = family or detect_family(model)
-    targets = resolve_targets(model, family, config.groups, config.target_modules, config.exclude_modules)
+    targets = config_targets(model, family, config)
     store.check_model(model, modules=[t.name for t in targets])
     check_untied(model, targets)  # the build refuses tied weights; so does its dry run
     base = store.resolve_source(config.source)

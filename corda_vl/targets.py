@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils.other import get_pattern_key
 from torch import nn
 
 from corda_vl.errors import TargetError
 from corda_vl.families.base import Family
+
+if TYPE_CHECKING:
+    from corda_vl.config import CordaConfig
 
 
 @dataclass(frozen=True)
@@ -83,4 +88,26 @@ def resolve_targets(
                 f"weight and needs floating point. Load the model unquantised (fp32/bf16/fp16) or "
                 f"exclude this module."
             )
+    return targets
+
+
+def config_targets(model: nn.Module, family: Family, config: CordaConfig) -> list[Target]:
+    """The targets of ``config``, after checking that every per-group and per-module setting
+    names something that is adapted: a misspelt key would otherwise be ignored and silently
+    change what is built (``group_modes={'langauge': 'ipm'}`` would build KPM)."""
+    targets = resolve_targets(model, family, config.groups, config.target_modules, config.exclude_modules)
+    groups = sorted({t.group for t in targets})
+    for field in ("group_ranks", "group_modes"):  # rank_min / rank_max: corda++ warns (a floor, a cap)
+        value = getattr(config, field)
+        unknown = sorted(set(value) - set(groups)) if isinstance(value, dict) else []
+        if unknown:
+            raise TargetError(f"{field} names group(s) {unknown} that have no adapted module; the adapted groups "
+                              f"are {groups}.")
+    names = [t.name for t in targets]
+    for field in ("rank_pattern", "alpha_pattern"):
+        unknown = [key for key in getattr(config, field) if not any(get_pattern_key([key], n) == key for n in names)]
+        if unknown:
+            raise TargetError(f"{field} key(s) {unknown} match no adapted module (PEFT matches a key against the end "
+                              f"of the module name, e.g. 'q_proj' or 'layers.0.self_attn.q_proj'); adapted modules "
+                              f"look like {names[:3]}.")
     return targets

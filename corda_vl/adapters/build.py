@@ -25,7 +25,7 @@ from corda_vl.families.base import Family
 from corda_vl.methods import get_method
 from corda_vl.methods.base import Factors, module_record
 from corda_vl.scaleout.distributed import broadcast_parameters, is_distributed
-from corda_vl.targets import Target, resolve_targets
+from corda_vl.targets import Target, config_targets
 
 
 def _check_ranks(targets: list[Target], config: CordaConfig) -> None:
@@ -110,7 +110,7 @@ def build_corda(
     config = config or CordaConfig()
     family = family or detect_family(model)
     method = get_method(config.method)
-    targets = resolve_targets(model, family, config.groups, config.target_modules, config.exclude_modules)
+    targets = config_targets(model, family, config)
     check_targets(model, targets, config)
     source = None
     if method.needs_store:

@@ -27,7 +27,7 @@ from corda_vl.config import CordaConfig
 from corda_vl.errors import CordaError
 from corda_vl.families import detect_family
 from corda_vl.families.base import Family, batch_to_device
-from corda_vl.targets import Target, resolve_targets
+from corda_vl.targets import Target, config_targets
 
 BASELINES: tuple[str, ...] = ("peft-corda", "eva", "mica")
 EVA_MAX_PASSES = 100
@@ -211,7 +211,7 @@ def build_baseline(model: nn.Module, method: str, config: CordaConfig, batches: 
     if reason:
         raise CordaError(reason)
     family = detect_family(model)
-    targets = resolve_targets(model, family, config.groups, config.target_modules, config.exclude_modules)
+    targets = config_targets(model, family, config)
     check_targets(model, targets, config)
     lora_config = lora_config_for(targets, config, family.task_type)
     if method == "mica":

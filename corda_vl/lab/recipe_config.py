@@ -19,7 +19,7 @@ import types
 from dataclasses import MISSING, asdict, dataclass, fields
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -46,6 +46,9 @@ def _train_field(name: str, text: str | None = None) -> Any:
 @dataclass(kw_only=True)
 class RecipeConfig:
     """The settings every retention recipe shares; a recipe's own keys live in its subclass."""
+
+    RETENTION: ClassVar[tuple[str, ...] | None] = None
+    """The retention benchmarks the recipe knows (None: the recipe checks its own)."""
 
     recipe: str = help_field("Name of the recipe; titles results.json, report.md and the plot.")
     model: str = help_field("Model to load: an embedded alias, a hub id or a local folder.")
@@ -153,6 +156,11 @@ class RecipeConfig:
             raise CordaError(f"unknown method(s) {unknown}: choose one or more of {', '.join(choices)} "
                              "(e.g. --methods lora,corda,corda++; corda++:<metric> picks CorDA++'s compactness "
                              "metric), or register a new one with corda_vl.methods.register_method.")
+        if self.RETENTION is not None:
+            unknown = [name for name in self.retention if name not in self.RETENTION]
+            if unknown:
+                raise CordaError(f"unknown retention benchmark(s) {unknown} for {self.recipe}: choose from "
+                                 f"{', '.join(self.RETENTION)} (YAML 'retention' or --retention).")
         if len(set(self.seeds or [])) != len(self.seeds or []) or len(set(self.lrs or [])) != len(self.lrs or []):
             raise CordaError(f"seeds {self.seeds} and lrs {self.lrs} must not repeat a value.")
         known = {f.name for f in fields(CordaConfig)}
@@ -235,6 +243,8 @@ class LanguageRecipeConfig(RecipeConfig):
 class LlamaRecipeConfig(LanguageRecipeConfig):
     """``recipes/llama_kpm.py``: a generated skill to learn; capitals, fact texts and general text to keep."""
 
+    RETENTION: ClassVar[tuple[str, ...]] = ("capitals", "knowledge", "facts", "general")
+
     fact_texts: int = help_field("Fact paragraphs of the held-out countries scored by perplexity ('facts').")
 
 
@@ -255,6 +265,8 @@ class ClipRecipeConfig(RecipeConfig):
 class LlavaRecipeConfig(LanguageRecipeConfig):
     """``recipes/llava_kpm.py``: a visual question type to learn; easy-VQA, capitals and general text
     (text only, through the same model) to keep."""
+
+    RETENTION: ClassVar[tuple[str, ...]] = ("easy_vqa", "capitals", "general")
 
     template: str = help_field("The model's prompt format; {question} stands for the question.")
     vqa_questions: int = help_field("Held-out easy-VQA questions (retention 'easy_vqa').")

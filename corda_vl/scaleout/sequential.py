@@ -42,7 +42,7 @@ from corda_vl.methods import get_method
 from corda_vl.scaleout.blocks import block_stack
 from corda_vl.scaleout.distributed import agreed, all_reduce_store, gather_objects, is_main_process, world
 from corda_vl.scaleout.memory import plan_memory
-from corda_vl.targets import Target, resolve_targets
+from corda_vl.targets import Target, config_targets
 
 
 class _Captured(Exception):
@@ -232,7 +232,7 @@ def build_corda_sequential(
     if not method.needs_store:  # no covariances to collect
         return build_corda(model, None, config, adapter_name=adapter_name, family=family, progress=progress)
     family = family or detect_family(model)
-    targets = resolve_targets(model, family, config.groups, config.target_modules, config.exclude_modules)
+    targets = config_targets(model, family, config)
     check_targets(model, targets, config)
     _, stack, blocks = block_stack(model, targets)
     rank, size = world()

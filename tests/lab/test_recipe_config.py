@@ -121,6 +121,11 @@ def test_unknown_methods_and_bad_modes_are_refused_with_the_remedy(tmp_path):
     with pytest.raises(CordaError, match=r"llama_kpm\.yaml: mode must be 'kpm' or 'ipm', got 'both'; fix it in the "
                                          r"YAML or with --mode\."):
         LlamaRecipeConfig.from_yaml(path)
+    with pytest.raises(CordaError, match=r"unknown retention benchmark\(s\) \['capitols'\] for llama_kpm: choose "
+                                         r"from capitals, knowledge, facts, general"):
+        LlamaRecipeConfig.from_yaml(yaml_path("llama_kpm"), overrides={"retention": ["capitols"]})
+    with pytest.raises(CordaError, match=r"\['easyvqa'\] for llava_kpm: choose from easy_vqa, capitals, general"):
+        LlavaRecipeConfig.from_yaml(yaml_path("llava_kpm"), overrides={"retention": ["easyvqa"]})
     with pytest.raises(CordaError, match="methods is empty"):
         LlamaRecipeConfig.from_yaml(yaml_path("llama_kpm"), overrides={"methods": []})
 
