@@ -53,14 +53,26 @@ def check_untied(model: nn.Module, targets: list[Target]) -> None:
             )
 
 
+def exact_key(module_name: str) -> str:
+    """A rank_pattern / alpha_pattern key that matches ``module_name`` and nothing else.
+
+    PEFT matches a key against the *end* of a module name (``(.*\\.)?(key)$``), so an escaped
+    name alone also matches every module whose name ends with it: open_clip's text tower
+    ``transformer.resblocks.0.attn.out_proj`` would take the rank meant for the vision tower's
+    ``visual.transformer.resblocks.0.attn.out_proj`` too, and the saved adapter would not load.
+    The key below only matches the whole name, or the whole name behind the ``base_model.model.``
+    prefix that some PEFT code (EVA's initialisation) matches against."""
+    return r"(?:^|(?<=^base_model\.model\.))" + re.escape(module_name)
+
+
 def lora_config_for(targets: list[Target], config: CordaConfig, task_type: str | None,
                     infos: dict[str, dict[str, Any]] | None = None) -> LoraConfig:
     """The stock PEFT LoraConfig matching the per-module ranks/alphas corda_vl decomposes with
     (``infos``: per-module records with "rank" and "alpha"; default: the config's own ranks)."""
     alpha = config.alpha if config.alpha is not None else config.r
     infos = infos or {t.name: module_record(t, config) for t in targets}
-    rank_pattern = {re.escape(n): i["rank"] for n, i in infos.items() if i["rank"] != config.r}
-    alpha_pattern = {re.escape(n): i["alpha"] for n, i in infos.items() if i["alpha"] != alpha}
+    rank_pattern = {exact_key(n): i["rank"] for n, i in infos.items() if i["rank"] != config.r}
+    alpha_pattern = {exact_key(n): i["alpha"] for n, i in infos.items() if i["alpha"] != alpha}
     init = get_method(config.method).lora_init(config)
     return LoraConfig(
         r=config.r,

@@ -196,3 +196,18 @@ def test_built_adapter_matches_an_independent_co_svd(batches, mode):
     assert np.abs(2.0 * B @ A - expected).max() < 1e-5 * np.abs(2.0 * B).max() * np.abs(A).max()
     W_res = layer.base_layer.weight.detach().double().numpy()
     np.testing.assert_allclose(W_res + 2.0 * B @ A, W, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, matches", [
+    ("transformer.resblocks.0.attn.out_proj", True),
+    ("visual.transformer.resblocks.0.attn.out_proj", False),  # ends with the key: PEFT's rule alone would match
+    ("base_model.model.transformer.resblocks.0.attn.out_proj", True),  # EVA matches the wrapped name
+    ("base_model.model.visual.transformer.resblocks.0.attn.out_proj", False),
+])
+def test_an_exact_key_matches_its_module_alone_under_pefts_rule(name, matches):
+    from peft.utils.other import get_pattern_key
+
+    from corda_vl.adapters.build import exact_key
+
+    key = exact_key("transformer.resblocks.0.attn.out_proj")
+    assert (get_pattern_key([key], name) == key) is matches

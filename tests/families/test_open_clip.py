@@ -118,3 +118,39 @@ def test_save_corda_and_load_into_a_fresh_converted_model(tmp_path):
     loaded = load_corda(tmp_path / "oc", base_model=convert_open_clip(tiny_open_clip(seed=3)))
     for out, expected in zip(encode(loaded, batches), ref):
         torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("config", [
+    CordaConfig(method="corda++", r=4),
+    CordaConfig(method="corda", r=4, group_ranks={"text": 8}),
+], ids=["corda++", "group_ranks"])
+def test_per_module_ranks_do_not_collide_between_towers_and_reload(tmp_path, config):
+    """The text tower's module names are the ends of the vision tower's
+    ('transformer.resblocks.0...' vs 'visual.transformer.resblocks.0...'): each rank must reach
+    only its own module, and the save must load in stock PEFT and in load_corda."""
+    from peft import PeftModel
+
+    from corda_vl import build_record, load_corda, save_corda
+
+    model, batches = convert_open_clip(tiny_open_clip()), open_clip_batches()
+    store = collect_covariances(model, batches, splits=2, progress=False)
+    peft_model = build_corda(model, store, config, progress=False)
+    record = build_record(peft_model).modules
+    built = {n: m.r["default"] for n, m in peft_model.get_base_model().named_modules() if hasattr(m, "lora_A") and m.lora_A}
+    assert built == {n: i["rank"] for n, i in record.items()}
+    text = {i["rank"] for n, i in record.items() if i["group"] == "text"}
+    vision = {i["rank"] for n, i in record.items() if i["group"] == "vision"}
+    if config.group_ranks:
+        assert text == {8} and vision == {4}
+    ref = encode(peft_model, batches)
+    out = save_corda(peft_model, tmp_path / "oc")
+    loaded = load_corda(out, base_model=convert_open_clip(tiny_open_clip(seed=3)))
+    for got, expected in zip(encode(loaded, batches), ref):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    from safetensors.torch import load_file
+
+    residual = convert_open_clip(tiny_open_clip(seed=3))
+    residual.load_state_dict(load_file(out / "residual" / "model.safetensors"), strict=True)
+    stock = PeftModel.from_pretrained(residual, out / "adapter")  # stock PEFT, no corda_vl code
+    for got, expected in zip(encode(stock, batches), ref):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
