@@ -38,6 +38,7 @@ from corda_vl.lab.baselines import build_baseline, is_baseline
 from corda_vl.lab.eval.scores import ItemScores, read_items, write_items
 from corda_vl.lab.interpolation import adapter_scale, initial_factors, update_size
 from corda_vl.lab.report import Run, Score, run_from_dict, run_to_dict
+from corda_vl.lab.identity import claim_output_dir
 from corda_vl.lab.recipe_config import RecipeConfig, add_flags, flag_values
 from corda_vl.saving import export_lora, save_corda
 from corda_vl.lab.training import train, trainable_parameters
@@ -183,6 +184,7 @@ def calibrate_seeds(recipe: Recipe, model, out_dir: Path, *, resume: bool) -> di
     and saved (the runs load their seed's store onto their fresh model). Empty when no method
     reads covariances."""
     cfg = recipe.cfg
+    on_main(lambda: claim_output_dir(cfg, resume, out_dir))
     if recipe.calibration is None or not any(_needs_store(m) for m in cfg.methods):
         return {}
     stores = {}
@@ -332,6 +334,7 @@ def print_plans(recipe: Recipe, model) -> None:
 def base_scores(recipe: Recipe, model, out_dir: Path, *, resume: bool) -> Scores:
     """The base model's scores item by item, once for every run (kept in before_items.jsonl for
     --resume): no adapter, no seed, so they cannot differ between runs."""
+    on_main(lambda: claim_output_dir(recipe.cfg, resume, out_dir))
     t0 = time.perf_counter()
     before = cached_scores(Path(out_dir) / "before_items.jsonl", lambda: recipe.evaluate(model), resume=resume)
     print(f"base model ({time.perf_counter() - t0:.0f} s): "
@@ -345,6 +348,7 @@ def compare_methods(recipe: Recipe, stores: dict[int, tuple[Path, float]], befor
     (means over seeds with intervals, paired differences, trade-off frontiers), config.json (the
     settings behind the numbers) and a printed table."""
     config_path = Path(out_dir) / "config.json"
+    on_main(lambda: claim_output_dir(recipe.cfg, resume, out_dir))
 
     def keep_config():  # first, so that a study stopped half-way still says what it ran
         with atomic_file(config_path) as tmp:

@@ -120,6 +120,13 @@ def test_killed_recipe_resumes_to_the_same_results(tmp_path):
         assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     steps = [json.loads(x)["step"] for x in (run_dir(tmp_path / "cut", "corda") / "train_log.jsonl").read_text().splitlines()]
     assert steps == list(range(10))
+    # a resume with another setting is refused before anything is written, naming the setting
+    kept = (tmp_path / "cut" / "results.json").read_bytes()
+    cmd = [sys.executable, str(ROOT / "recipes" / "llama_kpm.py"), "--smoke", "--output-dir", str(tmp_path / "cut"),
+           *args, "--resume", "--mode", "ipm"]
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "mode: 'kpm' -> 'ipm'" in refused.stderr
+    assert (tmp_path / "cut" / "results.json").read_bytes() == kept
 
 
 @pytest.mark.slow

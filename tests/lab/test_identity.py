@@ -1,0 +1,57 @@
+"""A recipe folder's identity: --resume continues only the same settings, refused before anything
+is written, and the grid may grow."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from corda_vl import CordaError
+from corda_vl.lab.identity import FILE, claim_output_dir, identity
+from corda_vl.lab.recipe_config import LlamaRecipeConfig
+
+YAML = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "llama_kpm.yaml"
+
+
+def config(tmp_path, **overrides):
+    return LlamaRecipeConfig.from_yaml(YAML, smoke=True, overrides={"output_dir": str(tmp_path), **overrides})
+
+
+def files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_the_same_settings_resume_and_the_grid_may_grow(tmp_path):
+    path = claim_output_dir(config(tmp_path), resume=False)
+    assert json.loads(path.read_text()) == identity(config(tmp_path))
+    # more seeds, methods, rates or another place to keep checkpoints: the same study, continued
+    claim_output_dir(config(tmp_path, seeds=[0, 1, 2], methods=["lora", "pissa"], lrs=[1e-3, 2e-3],
+                            checkpoint_every=7, save_adapters=False), resume=True)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"mode": "ipm"}, "mode: 'kpm' -> 'ipm'"),
+    ({"task": "sort"}, "task: 'reverse' -> 'sort'"),
+    ({"rank": 4}, "rank: 2 -> 4"),
+    ({"calib_samples": 4}, "calib_samples:"),
+    ({"corda": {"damping": [0.1]}}, "corda: {'damping': [0.01, 0.1, 1.0]} -> {'damping': [0.1]}"),
+    ({"threads": 2}, "threads:"),
+])
+def test_a_changed_setting_is_refused_before_anything_is_written(tmp_path, change, named):
+    claim_output_dir(config(tmp_path), resume=False)
+    before = files(tmp_path)
+    for resume in (True, False):
+        with pytest.raises(CordaError, match="Differences") as err:
+            claim_output_dir(config(tmp_path, **change), resume=resume)
+        assert named in str(err.value)
+    assert files(tmp_path) == before
+
+
+def test_a_folder_from_before_identities_is_accepted_with_a_warning(tmp_path):
+    (tmp_path / "runs" / "lora" / "lr0.001_wd0" / "seed0").mkdir(parents=True)
+    (tmp_path / "runs" / "lora" / "lr0.001_wd0" / "seed0" / "runs.json").write_text("[]")
+    with pytest.warns(UserWarning, match="cannot be checked"):
+        claim_output_dir(config(tmp_path), resume=True)
+    assert (tmp_path / FILE).is_file()
+    with pytest.raises(CordaError, match="rank: 2 -> 4"):  # and from then on, it is checked
+        claim_output_dir(config(tmp_path, rank=4), resume=True)
