@@ -45,6 +45,12 @@ STUDIES: dict[str, tuple[str, list[str]]] = {
     "llava_kpm": ("llava_kpm", ["--seeds", "0,1,2", "--methods", f"lora,corda,corda++,{BASELINES}",
                                 "--lrs", "0.00025,0.0005,0.001", "--lr-methods", "lora,corda,corda++",
                                 "--lora-weight-decays", "0.1"]),
+    # CorDA++ under each compactness metric against CorDA, LoRA and PEFT's CorDA (the CorDA++ choice)
+    "clip_kpm_cordapp": ("clip_kpm", ["--seeds", "0,1,2,3,4",
+                                      "--methods", "lora,corda,corda++,corda++:paper,corda++:heldout,peft-corda",
+                                      "--lrs", "0.0005,0.001,0.002",
+                                      "--lr-methods", "lora,corda,corda++,corda++:paper,corda++:heldout",
+                                      "--scale-sweep", "--scales", "0.25,0.5,0.75"]),
 }
 COMMON = ["--no-save-adapters", "--resume"]
 KEEP = ("runs.json", "items.jsonl")  # and items_scale*.jsonl: what the statistics read
