@@ -14,6 +14,7 @@ leaves a half-written folder, and an existing non-empty folder is only replaced 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from corda_vl.adapters.record import BuildRecord, build_record, register_record
+from corda_vl.adapters.record import BuildRecord, adapter_digest, build_record, register_record
 from corda_vl.atomic import atomic_dir
 from corda_vl.errors import CacheError, CordaError
 
@@ -60,6 +61,55 @@ def _save_residual(peft_model: PeftModel, path: Path, tokenizer: Any = None) -> 
     return kind
 
 
+CHECKED_FILES = ("residual/*.safetensors", "adapter/**/adapter_model.safetensors", "adapter/**/adapter_config.json")
+"""What load_corda checks against the SHA-256 that save_corda recorded: the weights and the adapter's config."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    """{path relative to ``root``: SHA-256} of the files load_corda checks."""
+    found = sorted({p for pattern in CHECKED_FILES for p in root.glob(pattern) if p.is_file()})
+    return {p.relative_to(root).as_posix(): _sha256(p) for p in found}
+
+
+def _verify_files(out: Path, meta: dict[str, Any]) -> None:
+    recorded = meta.get("files")
+    if recorded is None:  # written before checksums were recorded: nothing to compare with
+        return
+    now = file_digests(out)
+    changed = sorted(k for k in recorded if k in now and now[k] != recorded[k])
+    missing = sorted(set(recorded) - set(now))
+    extra = sorted(set(now) - set(recorded))
+    if changed or missing or extra:
+        parts = [f"{what}: {names}" for what, names in (("changed", changed), ("missing", missing), ("added", extra))
+                 if names]
+        raise CacheError(f"{out}: files differ from what save_corda wrote ({'; '.join(parts)}). The residual, the "
+                         f"adapter weights and its config must stay as saved, or the model is not the one built. Save "
+                         f"again, or pass verify=False if you changed them on purpose.")
+
+
+def _verify_layers(model: PeftModel, record: BuildRecord, name: str, out: Path) -> None:
+    """Every recorded module is adapted with its recorded rank and scaling, and nothing else is."""
+    layers = {n: m for n, m in model.get_base_model().named_modules() if hasattr(m, "lora_A") and name in m.lora_A}
+    wrong = sorted(set(record.modules) ^ set(layers))
+    for n, info in record.modules.items():
+        if n in layers:
+            layer = layers[n]
+            if layer.r[name] != info["rank"] or abs(layer.scaling[name] - info["alpha"] / info["rank"]) > 1e-9:
+                wrong.append(f"{n} (rank {layer.r[name]}, scaling {layer.scaling[name]:g}; saved rank {info['rank']}, "
+                             f"alpha {info['alpha']:g})")
+    if wrong:
+        raise CacheError(f"{out}: the adapter does not match the build it was saved with: {wrong[:4]}"
+                         f"{' ...' if len(wrong) > 4 else ''}. Was adapter/adapter_config.json edited? Save again.")
+
+
 def save_corda(peft_model: PeftModel, out_dir: str | os.PathLike, *, tokenizer: Any = None,
                overwrite: bool = False) -> Path:
     """Write ``residual/``, ``adapter/`` and ``corda_vl.json`` under ``out_dir`` (see module doc)."""
@@ -72,7 +122,7 @@ def save_corda(peft_model: PeftModel, out_dir: str | os.PathLike, *, tokenizer: 
         meta = {"format": FORMAT, "version": VERSION, "residual_format": residual_format,
                 "base_class": type(peft_model.get_base_model()).__name__,
                 "adapter_name": peft_model.active_adapter,
-                "build": record.to_dict() if record is not None else None}
+                "build": record.to_dict() if record is not None else None, "files": file_digests(tmp)}
         (tmp / "corda_vl.json").write_text(json.dumps(meta, indent=2))
     return Path(out_dir)
 
@@ -118,13 +168,18 @@ def _load_state_dict_residual(out: Path, meta: dict[str, Any], base_model: torch
 
 def load_corda(out_dir: str | os.PathLike, *, base_model: torch.nn.Module | None = None,
                dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
-               is_trainable: bool = False) -> PeftModel:
+               is_trainable: bool = False, verify: bool = True) -> PeftModel:
     """Load what :func:`save_corda` wrote: the residual base with the adapter attached.
 
     ``base_model`` is only needed for residuals saved as plain state dicts (models without
-    ``save_pretrained``, such as open_clip): the weights are loaded into it."""
+    ``save_pretrained``, such as open_clip): the weights are loaded into it. ``verify``: refuse
+    files that differ from the SHA-256 recorded at save (a residual swapped for the original base,
+    an edited adapter config, flipped bytes) and an adapter whose ranks or scalings differ from the
+    recorded build."""
     out = Path(out_dir)
     meta = _read_meta(out)
+    if verify:
+        _verify_files(out, meta)
     if meta.get("residual_format", "transformers") == "transformers":
         base = _load_transformers_residual(out, meta, dtype)
     else:
@@ -135,7 +190,10 @@ def load_corda(out_dir: str | os.PathLike, *, base_model: torch.nn.Module | None
     adapter_dir = out / "adapter" if name == "default" else out / "adapter" / name  # PEFT nests non-default names
     model = PeftModel.from_pretrained(base, adapter_dir, adapter_name=name, is_trainable=is_trainable)
     if meta.get("build"):
-        register_record(model, BuildRecord.from_dict(meta["build"]))
+        record = BuildRecord.from_dict(meta["build"])
+        if verify:
+            _verify_layers(model, record, name, out)
+        register_record(model, record)
     return model
 
 
@@ -150,6 +208,15 @@ def export_lora(trained: PeftModel, initial_adapter_dir: str | os.PathLike, out_
     initial = Path(initial_adapter_dir)
     if not (initial / "adapter_config.json").is_file():
         raise CacheError(f"{initial} has no adapter_config.json; pass the adapter/ folder save_corda wrote before training.")
+    record = build_record(trained)
+    if record is not None and record.init_digest is not None:
+        from safetensors.torch import load_file
+
+        weights = initial / "adapter_model.safetensors"
+        if not weights.is_file() or adapter_digest(load_file(weights)) != record.init_digest:
+            raise CacheError(f"{initial} is not the initial adapter of this model (its weights differ from the ones "
+                             f"it was built with); the export would be a wrong LoRA. Pass the adapter/ folder that "
+                             f"save_corda wrote for this build before training.")
     adapter = trained.active_adapter
     with tempfile.TemporaryDirectory() as scratch, atomic_dir(out_dir, overwrite) as tmp:
         init_copy = Path(scratch) / "corda_initial"

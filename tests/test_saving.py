@@ -105,3 +105,59 @@ def test_export_lora_applies_to_the_original_base(batches, tmp_path, method):
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["r"] == 8
     # the initial adapter folder is left as it was
     assert json.loads((tmp_path / "init" / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("alpha", "changed: \\['adapter/adapter_config.json'\\]"),
+    ("rslora", "changed: \\['adapter/adapter_config.json'\\]"),
+    ("targets", "changed: \\['adapter/adapter_config.json'\\]"),
+    ("original base", "changed: \\['residual/model.safetensors'\\]"),
+    ("flipped byte", "changed: \\['adapter/adapter_model.safetensors'\\]"),
+])
+def test_load_refuses_files_that_changed_since_the_save(built, tmp_path, damage, message):
+    from safetensors.torch import save_file
+
+    out = save_corda(built, tmp_path / "c")
+    config = out / "adapter" / "adapter_config.json"
+    if damage == "alpha":
+        _edit_json(config, lora_alpha=99)
+    elif damage == "rslora":
+        _edit_json(config, use_rslora=True)
+    elif damage == "targets":
+        _edit_json(config, target_modules=["q_proj"])
+    elif damage == "original base":  # the original weights in the residual's place
+        save_file({k: v.contiguous() for k, v in tiny_llama().state_dict().items()}, out / "residual" / "model.safetensors")
+    else:
+        weights = out / "adapter" / "adapter_model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-3] ^= 0x40
+        weights.write_bytes(bytes(data))
+    with pytest.raises(CordaError, match=message):
+        load_corda(out)
+
+
+def test_an_edited_adapter_config_is_caught_without_checksums_too(built, tmp_path):
+    """Folders saved before checksums existed: the recorded ranks and alphas still catch an edit."""
+    out = save_corda(built, tmp_path / "c")
+    meta = json.loads((out / "corda_vl.json").read_text())
+    del meta["files"]
+    (out / "corda_vl.json").write_text(json.dumps(meta))
+    _edit_json(out / "adapter" / "adapter_config.json", lora_alpha=99)
+    with pytest.raises(CordaError, match="does not match the build it was saved with"):
+        load_corda(out)
+    load_corda(out, verify=False)  # the user's own responsibility
+
+
+def test_export_refuses_the_initial_adapter_of_another_build(batches, tmp_path):
+    first = build_corda(tiny_llama(), None, CordaConfig(method="pissa", r=4), progress=False)
+    other = build_corda(tiny_llama(seed=5), None, CordaConfig(method="lora", r=4), progress=False)
+    save_corda(other, tmp_path / "other")
+    with pytest.raises(CordaError, match="is not the initial adapter of this model"):
+        export_lora(first, tmp_path / "other" / "adapter", tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()

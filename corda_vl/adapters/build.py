@@ -11,11 +11,11 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from torch import nn
 
 from corda_vl.adapters.pages import prefault_for_writing
-from corda_vl.adapters.record import BuildRecord, register_record
+from corda_vl.adapters.record import BuildRecord, adapter_digest, register_record
 from corda_vl.calibration.store import CovarianceStore
 from corda_vl.config import CordaConfig
 from corda_vl.decomposition.cosvd import subtract_adapter_
@@ -161,6 +161,7 @@ def wrap_with_factors(model: nn.Module, targets: list[Target], config: CordaConf
                                                                     if "lora_" in n])
     # The init has been applied; a saved adapter must load as plain LoRA weights on the residual.
     peft_model.peft_config[adapter_name].init_lora_weights = True
+    record.init_digest = adapter_digest(get_peft_model_state_dict(peft_model, adapter_name=adapter_name))
     register_record(peft_model, record)
     return peft_model
 

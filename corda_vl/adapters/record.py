@@ -6,10 +6,12 @@ modules; :func:`build_record` reads them and ``save_corda`` writes them next to 
 
 from __future__ import annotations
 
+import hashlib
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 _RECORDS: "weakref.WeakKeyDictionary[nn.Module, BuildRecord]" = weakref.WeakKeyDictionary()
@@ -27,10 +29,12 @@ class BuildRecord:
     """corda++: {"budget": asked, "realised": sum r_l (d_in + d_out)}."""
     calibration: dict[str, Any] | None = None
     """build_corda_sequential: blocks, peak covariance bytes, cache bytes."""
+    init_digest: str | None = None
+    """adapter_digest of the adapter at init: export_lora checks the initial adapter it is given."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"family": self.family, "config": self.config, "source": self.source, "modules": self.modules,
-                "budget": self.budget, "calibration": self.calibration}
+                "budget": self.budget, "calibration": self.calibration, "init_digest": self.init_digest}
 
     def rank_histograms(self) -> dict[str, dict[str, dict[str, int]]]:
         """How many layers got each rank, per group and per projection type (the last part of the
@@ -48,7 +52,18 @@ class BuildRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BuildRecord":
         return cls(data["family"], data["config"], data.get("source"), data.get("modules", {}), data.get("budget"),
-                   data.get("calibration"))
+                   data.get("calibration"), data.get("init_digest"))
+
+
+def adapter_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over an adapter's tensors (names, dtypes, shapes and bytes, in name order): equal for
+    the state dict PEFT saves and the tensors read back from adapter_model.safetensors."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def build_record(peft_model: nn.Module) -> BuildRecord | None:
