@@ -228,6 +228,7 @@ class CovarianceStore:
                             "crc32": zlib.crc32(_tensor_bytes(tensor))})
         meta = {"format": "corda_vl.calibration.store", "version": FORMAT_VERSION,
                 "fingerprint": self.fingerprint, "inputs": self.inputs, "entries": entries}
+        meta["header_crc32"] = _header_crc(meta)
         with atomic_file(path) as tmp:
             save_file(tensors, str(tmp), metadata={"corda_vl": json.dumps(meta)})
         return path
@@ -246,6 +247,9 @@ class CovarianceStore:
                 meta = json.loads((f.metadata() or {}).get("corda_vl", "null"))
                 if not meta or meta.get("format") != "corda_vl.calibration.store":
                     raise CacheError(f"{path} is not a corda_vl covariance file.")
+                if "header_crc32" in meta and meta["header_crc32"] != _header_crc(meta):
+                    raise CacheError(f"{path}: its header (module names, sources, counts, model fingerprint) fails "
+                                     f"its checksum; the file was edited or corrupted. Delete it and recalibrate.")
                 store = cls(inputs=dict(meta["inputs"]), fingerprint=meta["fingerprint"])
                 for i, entry in enumerate(meta["entries"]):
                     tensor = f.get_tensor(f"cov.{i}")
@@ -282,6 +286,11 @@ class CovarianceStore:
             if absent:
                 raise CordaError(f"the store has no covariance for {absent[0]!r} "
                                  f"({len(absent)} targets missing); calibrate with these targets included.")
+
+
+def _header_crc(meta: dict) -> int:
+    """CRC-32 of the header without its own checksum (files from before it carry none)."""
+    return zlib.crc32(json.dumps({k: v for k, v in meta.items() if k != "header_crc32"}, sort_keys=True).encode())
 
 
 def _has_linear(model: nn.Module, name: str) -> bool:

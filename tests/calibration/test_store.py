@@ -119,3 +119,28 @@ def test_a_split_can_be_left_out_or_taken_alone(llama):
     assert store.leaves(name, "calib", split="split2") == ["calib/split0", "calib/split1"]
     with pytest.raises(CordaError, match="no data outside split 'split2'"):
         store.leaves(name, "calib/split2", split="split2")
+
+
+@pytest.mark.parametrize("edit", ["swap keys", "blank fingerprint", "count"])
+def test_an_edited_header_fails_its_checksum(store, tmp_path, edit):
+    """The tensors' own checksums cannot see the header: swapped module names, a blanked model
+    fingerprint (which would skip the model check) or an edited token count."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = store.save(tmp_path / "cov.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["corda_vl"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    entries = meta["entries"]
+    if edit == "swap keys":
+        entries[0]["key"], entries[1]["key"] = entries[1]["key"], entries[0]["key"]
+    elif edit == "blank fingerprint":
+        meta["fingerprint"] = ""
+    else:
+        entries[0]["count"] += 1
+    save_file(tensors, str(path), metadata={"corda_vl": json.dumps(meta)})
+    with pytest.raises(CacheError, match="header .* fails its checksum"):
+        CovarianceStore.load(path)
