@@ -27,3 +27,16 @@ def built_from(target: Path, recipe: dict) -> bool | None:
     if not record.is_file():
         return None
     return json.loads(record.read_text())["recipe"] == recipe
+
+
+def require_local_path(name_or_path: str) -> str:
+    """``name_or_path`` unchanged, unless it is written as a path (``/``, ``./``, ``../``, ``~``)
+    and nothing is there: then an error that says so, instead of the hub's "Repo id must be in the
+    form..." that transformers gives for a path it cannot find."""
+    from corda_vl.errors import CordaError
+
+    text = str(name_or_path)
+    if text.startswith(("/", "./", "../", "~")) and not Path(text).expanduser().exists():
+        raise CordaError(f"model path {text!r} does not exist. Give a folder holding the model, an embedded "
+                         f"alias, or a hub id (owner/name).")
+    return text

@@ -28,7 +28,7 @@ from corda_vl.atomic import atomic_dir
 from corda_vl.errors import CordaError
 from corda_vl.lab.resources import load_json_asset, merge_overrides
 from corda_vl.scaleout.distributed import main_process_first
-from corda_vl.lab.models.cache import BUILD_RECORD, built_from, model_dir
+from corda_vl.lab.models.cache import BUILD_RECORD, built_from, model_dir, require_local_path
 from corda_vl.lab.training import warmup_cosine
 
 DEFAULT_CLIP = "corda-vl-clip"
@@ -412,7 +412,8 @@ def load_clip(name_or_path: str = DEFAULT_CLIP, *, cache_dir: str | Path | None 
     normalised tensor the model was trained on."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    path = str(default_clip_dir(name_or_path, cache_dir=cache_dir)) if name_or_path in ALIASES else str(name_or_path)
+    path = (str(default_clip_dir(name_or_path, cache_dir=cache_dir)) if name_or_path in ALIASES
+            else require_local_path(name_or_path))
     try:
         model = CLIPModel.from_pretrained(path)
         tokenizer = CLIPTokenizer.from_pretrained(path)

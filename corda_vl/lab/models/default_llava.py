@@ -22,7 +22,7 @@ from corda_vl.lab.losses import answer_batch, answer_loss
 from corda_vl.errors import CordaError
 from corda_vl.lab.resources import load_json_asset, merge_overrides
 from corda_vl.scaleout.distributed import main_process_first
-from corda_vl.lab.models.cache import BUILD_RECORD, built_from, model_dir
+from corda_vl.lab.models.cache import BUILD_RECORD, built_from, model_dir, require_local_path
 from corda_vl.lab.training import warmup_cosine
 from corda_vl.lab.models.default_clip import default_clip_dir
 from corda_vl.lab.models.llama import load_llama
@@ -203,7 +203,8 @@ def load_llava(name_or_path: str = DEFAULT_LLAVA, *, cache_dir: str | Path | Non
     a hub id (``LlavaForConditionalGeneration`` + ``AutoProcessor``)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    path = str(default_llava_dir(name_or_path, cache_dir=cache_dir)) if name_or_path in ALIASES else str(name_or_path)
+    path = (str(default_llava_dir(name_or_path, cache_dir=cache_dir)) if name_or_path in ALIASES
+            else require_local_path(name_or_path))
     try:
         model = LlavaForConditionalGeneration.from_pretrained(path)
         processor = AutoProcessor.from_pretrained(path)

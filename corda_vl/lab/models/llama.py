@@ -16,7 +16,7 @@ import torch
 from corda_vl.atomic import atomic_dir
 from corda_vl.errors import CordaError
 from corda_vl.scaleout.distributed import main_process_first
-from corda_vl.lab.models.cache import model_dir
+from corda_vl.lab.models.cache import model_dir, require_local_path
 
 SMOLLM2 = "smollm2-135m-instruct"
 ALIASES = {"smollm2", "smollm2-135m", SMOLLM2}
@@ -74,7 +74,7 @@ def smollm2_dir() -> Path:
 
 def resolve_llama(name_or_path: str) -> str:
     """A from_pretrained-able id or folder for ``name_or_path`` (embedded aliases resolved)."""
-    return str(smollm2_dir()) if name_or_path.lower() in ALIASES else name_or_path
+    return str(smollm2_dir()) if name_or_path.lower() in ALIASES else require_local_path(name_or_path)
 
 
 def load_llama(name_or_path: str = SMOLLM2, *, dtype: torch.dtype = torch.float32,

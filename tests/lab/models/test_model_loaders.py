@@ -33,3 +33,12 @@ def test_open_clip_from_a_local_safetensors_checkpoint(tmp_path):
         load_open_clip("not-a-model")
     with pytest.raises(CordaError, match="does not exist"):
         load_open_clip("corda-tiny-vit", str(tmp_path / "missing.safetensors"))
+
+
+@pytest.mark.parametrize("loader", ["load_llama", "load_clip", "load_llava"])
+def test_a_missing_model_path_says_so(tmp_path, loader):
+    import corda_vl.lab.models as models
+
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(CordaError, match=f"model path '{missing}' does not exist"):
+        getattr(models, loader)(missing)
