@@ -180,15 +180,21 @@ def load_corda(out_dir: str | os.PathLike, *, base_model: torch.nn.Module | None
     meta = _read_meta(out)
     if verify:
         _verify_files(out, meta)
-    if meta.get("residual_format", "transformers") == "transformers":
-        base = _load_transformers_residual(out, meta, dtype)
-    else:
-        base = _load_state_dict_residual(out, meta, base_model)
-    if device is not None:
-        base = base.to(device)
     name = meta.get("adapter_name", "default")
     adapter_dir = out / "adapter" if name == "default" else out / "adapter" / name  # PEFT nests non-default names
-    model = PeftModel.from_pretrained(base, adapter_dir, adapter_name=name, is_trainable=is_trainable)
+    try:
+        if meta.get("residual_format", "transformers") == "transformers":
+            base = _load_transformers_residual(out, meta, dtype)
+        else:
+            base = _load_state_dict_residual(out, meta, base_model)
+        if device is not None:
+            base = base.to(device)
+        model = PeftModel.from_pretrained(base, adapter_dir, adapter_name=name, is_trainable=is_trainable)
+    except CordaError:
+        raise
+    except Exception as exc:  # transformers / PEFT / safetensors name neither the folder nor the remedy
+        raise CacheError(f"cannot load {out} ({type(exc).__name__}: {exc}). A file in residual/ or adapter/ is "
+                         f"missing, truncated or not written by save_corda; save the model again.") from exc
     if meta.get("build"):
         record = BuildRecord.from_dict(meta["build"])
         if verify:

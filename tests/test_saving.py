@@ -161,3 +161,13 @@ def test_export_refuses_the_initial_adapter_of_another_build(batches, tmp_path):
     with pytest.raises(CordaError, match="is not the initial adapter of this model"):
         export_lora(first, tmp_path / "other" / "adapter", tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
+
+
+def test_a_truncated_file_is_an_error_that_names_the_folder(built, tmp_path):
+    out = save_corda(built, tmp_path / "c")
+    weights = out / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CordaError, match="changed: \\['adapter/adapter_model.safetensors'\\]"):
+        load_corda(out)
+    with pytest.raises(CordaError, match=f"cannot load {out} .*truncated"):
+        load_corda(out, verify=False)
