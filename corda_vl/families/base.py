@@ -6,7 +6,9 @@ Adding a family = one small file that builds a :class:`Family` and calls :func:`
 
 from __future__ import annotations
 
+import difflib
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from corda_vl.errors import UnknownFamilyError
+from corda_vl.errors import CalibrationError, UnknownFamilyError
 
 # group -> {source suffix: token mask (bool, shaped like the module input without its last dim)
 # or None for "every token"}. The suffix "" means the calibration source itself.
@@ -92,13 +94,31 @@ def has_module(model: nn.Module, pattern: str) -> bool:
 
 
 def tensor_dict(batch: Any, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """A plain dict from a dict / BatchEncoding, keeping only ``keys`` when given."""
+    """A plain dict from a dict / BatchEncoding, keeping only ``keys`` when given. Other keys are
+    dropped (collators add ``labels`` and the like), except a near miss of a known one: a typo
+    such as ``attention_masks`` would silently count the padding."""
     if isinstance(batch, torch.Tensor):
         raise TypeError("expected a dict of tensors")
     items = dict(batch.items()) if hasattr(batch, "items") else dict(batch)
     if keys is not None:
+        for key in items:
+            close = difflib.get_close_matches(str(key), [k for k in keys if k not in items], n=1, cutoff=0.8)
+            if key not in keys and close:
+                raise CalibrationError(f"the batch has {key!r}, which is not an input of this model; did you mean "
+                                       f"{close[0]!r}? (inputs read: {', '.join(keys)})")
         items = {k: v for k, v in items.items() if k in keys}
     return items
+
+
+def check_pixels(pixel_values: torch.Tensor) -> None:
+    """Images as the model's processor makes them: floating point, normalised. Raw 0-255 values
+    would run, and give a meaningless covariance."""
+    if not pixel_values.is_floating_point():
+        raise CalibrationError(f"pixel_values are {pixel_values.dtype} (raw images); pass what the model's image "
+                               f"processor returns: normalised floats.")
+    if pixel_values.numel() and float(pixel_values.abs().max()) > 20:
+        warnings.warn(f"pixel_values reach {float(pixel_values.abs().max()):.0f}: they look like 0-255 images, not "
+                      f"normalised ones (|x| of a few units). Run the model's image processor on them.", stacklevel=4)
 
 
 def text_mask(batch: Mapping[str, Any]) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from corda_vl.errors import CalibrationError
-from corda_vl.families.base import (Family, Routes, clip_describe, has_module, image_probe, register_family, tensor_dict,
+from corda_vl.families.base import (Family, check_pixels, Routes, clip_describe, has_module, image_probe, register_family, tensor_dict,
                                     text_mask, text_probe)
 
 KEYS = ("pixel_values", "input_ids", "attention_mask")
@@ -34,6 +34,8 @@ def _prepare(model, batch: Any) -> dict[str, Any]:
         raise CalibrationError("a CLIP batch needs 'pixel_values' (images) and/or 'input_ids' (texts).")
     if "attention_mask" in out and "input_ids" not in out:
         del out["attention_mask"]
+    if "pixel_values" in out:
+        check_pixels(out["pixel_values"])
     return out
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from corda_vl.errors import CalibrationError
-from corda_vl.families.base import (Family, Routes, has_module, image_probe, image_tokens, register_family, tensor_dict,
+from corda_vl.families.base import (Family, check_pixels, Routes, has_module, image_probe, image_tokens, register_family, tensor_dict,
                                     text_mask, text_probe)
 
 KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
@@ -49,7 +49,27 @@ def _prepare(model, batch: Any) -> dict[str, Any]:
     has_image_tokens = bool((out["input_ids"] == _image_token_id(model)).any())
     if has_image_tokens and "pixel_values" not in out:
         raise CalibrationError("the batch has image tokens but no 'pixel_values'; pass the images with it.")
+    if "pixel_values" in out:
+        check_pixels(out["pixel_values"])
+        _check_image_tokens(model, out)
     return out
+
+
+def _check_image_tokens(model, batch: Mapping[str, Any]) -> None:
+    """Plain LLaVA: every row announces whole images (the same number of tokens each), and the
+    batch announces as many images as it carries. With the right total but wrong rows (24 and 8
+    tokens for 16-token images), the features would be spliced into the wrong rows."""
+    config = model.config
+    if getattr(config, "model_type", None) != "llava":  # NeXT / OneVision: the count varies per image
+        return
+    vision = config.vision_config
+    per_image = (vision.image_size // vision.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
+    counts = (batch["input_ids"] == _image_token_id(model)).sum(dim=1).tolist()
+    images = batch["pixel_values"].shape[0]
+    if any(c % per_image for c in counts) or sum(counts) != images * per_image:
+        raise CalibrationError(f"the rows announce {counts} image tokens, but each image takes {per_image} and the "
+                               f"batch carries {images} image(s); build the batch with the model's processor, so "
+                               f"that every row holds {per_image} image tokens per image it shows.")
 
 
 def _route(model, batch: Mapping[str, Any]) -> Routes:

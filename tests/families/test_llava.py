@@ -73,12 +73,37 @@ def test_mismatched_image_tokens_are_explained():
     batch = dict(llava_batches()[0])
     batch["input_ids"] = batch["input_ids"].clone()
     batch["input_ids"][0, 2] = 5  # one image token too few
-    with pytest.raises(CalibrationError, match="image tokens do not match its image features"):
+    with pytest.raises(CalibrationError, match=r"the rows announce \[15, 16\] image tokens, but each image takes 16"):
         collect_covariances(tiny_llava(), [batch], progress=False)
     batch = dict(llava_batches()[0])
     del batch["pixel_values"]
     with pytest.raises(CalibrationError, match="no 'pixel_values'"):
         collect_covariances(tiny_llava(), [batch], progress=False)
+
+
+def test_the_right_total_in_the_wrong_rows_is_refused():
+    """24 and 8 image tokens for two 16-token images: the total fits, the rows do not."""
+    batch = dict(llava_batches()[0])
+    ids = torch.randint(1, IMAGE_TOKEN, (2, 28), generator=torch.Generator().manual_seed(0))
+    ids[0, 2:26] = IMAGE_TOKEN
+    ids[1, 2:10] = IMAGE_TOKEN
+    batch["input_ids"], batch["attention_mask"] = ids, torch.ones_like(ids)
+    with pytest.raises(CalibrationError, match=r"the rows announce \[24, 8\] image tokens"):
+        collect_covariances(tiny_llava(), [batch], progress=False)
+
+
+def test_bad_pixels_and_key_typos_are_caught():
+    batch = dict(llava_batches()[0])
+    with pytest.raises(CalibrationError, match="pixel_values are torch.uint8"):
+        collect_covariances(tiny_llava(), [{**batch, "pixel_values": batch["pixel_values"].abs().mul(50).to(torch.uint8)}],
+                            progress=False)
+    with pytest.warns(UserWarning, match="look like 0-255 images"):
+        collect_covariances(tiny_llava(), [{**batch, "pixel_values": batch["pixel_values"] * 100}], progress=False)
+    typo = {k: v for k, v in batch.items() if k != "attention_mask"} | {"attention_masks": batch["attention_mask"]}
+    with pytest.raises(CalibrationError, match="'attention_masks'.*did you mean 'attention_mask'"):
+        collect_covariances(tiny_llava(), [typo], progress=False)
+    # keys a collator adds that no model input resembles are dropped, as before
+    collect_covariances(tiny_llava(), [{**batch, "labels": batch["input_ids"]}], progress=False)
 
 
 def test_images_sent_to_a_text_only_model(llama):
