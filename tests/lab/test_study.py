@@ -29,13 +29,17 @@ def write_run(out, method, lr, seed, task_k, keep_k, losses):
     (run_dir / "runs.json").write_text(json.dumps([run_to_dict(run)]))
 
 
+def write_before(out):
+    """The base model: no task item right, BASE_KEEP of the retention items."""
+    write_items(out / "before_items.jsonl", {"t": hits("acc", [0] * N_TASK), "r": hits("acc", first(BASE_KEEP, N_KEEP))})
+
+
 @pytest.fixture
 def study_dir(tmp_path):
     """lora and corda at three rates, three seeds: a higher rate learns more and forgets more;
     corda keeps 6 more retention items than lora at every rate and learns the same, and its loss
     falls twice as fast."""
-    write_items(tmp_path / "before_items.jsonl", {"t": hits("acc", [0] * N_TASK),
-                                                  "r": hits("acc", first(BASE_KEEP, N_KEEP))})
+    write_before(tmp_path)
     lora_loss = [1.0 - i / 100 for i in range(100)]
     corda_loss = [max(0.0, 1.0 - i / 50) for i in range(100)]
     for seed in range(3):
@@ -70,8 +74,7 @@ def test_arms_pairs_and_matched_retention(study_dir):
 
 
 def test_identical_methods_differ_by_an_interval_around_zero(tmp_path):
-    write_items(tmp_path / "before_items.jsonl", {"t": hits("acc", [0] * N_TASK),
-                                                  "r": hits("acc", first(BASE_KEEP, N_KEEP))})
+    write_before(tmp_path)
     for seed in range(3):
         write_run(tmp_path, "lora", 0.001, seed, 20 + seed, 40 - seed, [1.0])
         write_run(tmp_path, "pissa", 0.001, seed, 20 + seed, 40 - seed, [1.0])
@@ -82,8 +85,7 @@ def test_identical_methods_differ_by_an_interval_around_zero(tmp_path):
 def test_matched_retention_uses_only_the_learning_rates_both_methods_ran(tmp_path):
     """lora's extra rate dominates pissa's only point; a comparison over all of lora's rates would
     charge pissa for a rate it never ran. Same rate, same answers: the difference must be 0."""
-    write_items(tmp_path / "before_items.jsonl", {"t": hits("acc", [0] * N_TASK),
-                                                  "r": hits("acc", first(BASE_KEEP, N_KEEP))})
+    write_before(tmp_path)
     for seed in range(3):
         write_run(tmp_path, "lora", 0.001, seed, 20, 40, [1.0])
         write_run(tmp_path, "lora", 0.004, seed, 30, 46, [1.0])
@@ -95,8 +97,7 @@ def test_matched_retention_uses_only_the_learning_rates_both_methods_ran(tmp_pat
 
 
 def test_peft_corda_and_corda_plus_plus_variants_are_paired_with_this_librarys_corda(tmp_path):
-    write_items(tmp_path / "before_items.jsonl", {"t": hits("acc", [0] * N_TASK),
-                                                  "r": hits("acc", first(BASE_KEEP, N_KEEP))})
+    write_before(tmp_path)
     for seed in range(3):
         write_run(tmp_path, "lora", 0.001, seed, 20, 40, [1.0])
         write_run(tmp_path, "corda", 0.001, seed, 25, 46, [1.0])
