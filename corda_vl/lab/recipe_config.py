@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import types
 from dataclasses import MISSING, asdict, dataclass, fields
 from functools import cache
@@ -41,6 +42,22 @@ def _train_field(name: str, text: str | None = None) -> Any:
     training loop cannot disagree about them."""
     source = next(f for f in fields(TrainConfig) if f.name == name)
     return help_field(text or source.metadata["help"], default=source.default)
+
+
+_AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+_AT_LEAST_0 = (lambda v: v >= 0, "0 or more")
+_POSITIVE = (lambda v: v > 0, "a finite number above 0")
+NUMBER_RULES = {
+    **dict.fromkeys(("rank", "budget", "group_ranks", "task_train_rows", "task_eval_rows", "calib_samples",
+                     "calib_splits", "calib_batch_size", "steps", "batch_size", "grad_accum", "keep_checkpoints",
+                     "eval_batch_size", "threads", "capital_questions", "general_texts", "fact_texts",
+                     "retention_images", "vqa_questions", "vqa_new_tokens"), _AT_LEAST_1),
+    **dict.fromkeys(("warmup_steps", "checkpoint_every", "seed", "seeds", "task_eval_every", "capital_shots",
+                     "weight_decay", "lora_weight_decays", "grad_clip_norm"), _AT_LEAST_0),
+    **dict.fromkeys(("alpha", "lr", "lrs", "logit_scale"), _POSITIVE),
+    "scales": (lambda v: 0 <= v <= 1, "between 0 (the base model) and 1 (the adapter as trained)"),
+}
+"""What each number of a recipe config may be (NaN and infinity never)."""
 
 
 @dataclass(kw_only=True)
@@ -156,6 +173,7 @@ class RecipeConfig:
             raise CordaError(f"unknown method(s) {unknown}: choose one or more of {', '.join(choices)} "
                              "(e.g. --methods lora,corda,corda++; corda++:<metric> picks CorDA++'s compactness "
                              "metric), or register a new one with corda_vl.methods.register_method.")
+        self._check_numbers()
         if self.RETENTION is not None:
             unknown = [name for name in self.retention if name not in self.RETENTION]
             if unknown:
@@ -201,6 +219,21 @@ class RecipeConfig:
     def train_config(self) -> TrainConfig:
         """The training loop's settings: the same for every method."""
         return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
+
+    def _check_numbers(self) -> None:
+        """Counts, rates and scales a run can use: caught here, before any model is loaded."""
+        problems = []
+        for f in fields(self):
+            value, rule = getattr(self, f.name), NUMBER_RULES.get(f.name)
+            if rule is None or value is None:
+                continue
+            values = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else [value]
+            test, text = rule
+            bad = [v for v in values if not (isinstance(v, (int, float)) and math.isfinite(v) and test(v))]
+            if bad:
+                problems.append(f"{f.name}={value!r} must be {text} ({_flag(f.name)})")
+        if problems:
+            raise CordaError("; ".join(problems) + ".")
 
     def corda_config(self, method: str) -> CordaConfig:
         """The CordaConfig of ``method``: the same targets, rank and scaling for every method, so

@@ -138,6 +138,12 @@ def test_unknown_methods_and_bad_modes_are_refused_with_the_remedy(tmp_path):
     ("calib_sample_scale", "mean", "calib_sample_scale must be 'none' or 'max'"),
     ("corda", {"dampin": [0.1]}, r"corda: \['dampin'\] are not CordaConfig fields"),
     ("output_dir", None, r"missing key\(s\) \['output_dir'\]; add them to the YAML"),
+    ("steps", 0, r"steps=0 must be at least 1 \(--steps\)"),
+    ("lr", -1.0, r"lr=-1.0 must be a finite number above 0"),
+    ("lr", float("nan"), r"lr=nan must be a finite number above 0"),
+    ("scales", [0.5, 1.5], r"scales=\[0.5, 1.5\] must be between 0 \(the base model\) and 1"),
+    ("seeds", [0, -1], r"seeds=\[0, -1\] must be 0 or more"),
+    ("weight_decay", -0.1, r"weight_decay=-0.1 must be 0 or more"),
 ])
 def test_wrong_types_and_missing_keys_are_refused(tmp_path, key, value, message):
     with pytest.raises(CordaError, match=message):
