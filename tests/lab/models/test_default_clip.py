@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from corda_vl import CordaError
 from corda_vl.lab.models import build_default_clip, load_clip
 from corda_vl.lab.models.default_clip import (BUILD_RECORD, DefaultClipError, clip_bpe_tokenizer, clip_recipe,
                                           contrastive_loss, evaluate_default_clip)
@@ -167,5 +168,5 @@ def test_load_clip_reads_a_local_transformers_folder(tmp_path):
 
     CLIPImageProcessor(image_mean=[0.5] * 3, image_std=[0.25] * 3).save_pretrained(tmp_path / "clip")
     assert load_clip(str(tmp_path / "clip"))[2](image).equal(default_preprocess(16, [0.5] * 3, [0.25] * 3)(image))
-    with pytest.raises(DefaultClipError, match="neither an embedded alias"):
+    with pytest.raises(CordaError, match="model path .*missing' does not exist"):
         load_clip(str(tmp_path / "missing"))
