@@ -116,8 +116,9 @@ def check_pixels(pixel_values: torch.Tensor) -> None:
     if not pixel_values.is_floating_point():
         raise CalibrationError(f"pixel_values are {pixel_values.dtype} (raw images); pass what the model's image "
                                f"processor returns: normalised floats.")
-    if pixel_values.numel() and float(pixel_values.abs().max()) > 20:
-        warnings.warn(f"pixel_values reach {float(pixel_values.abs().max()):.0f}: they look like 0-255 images, not "
+    peak = float(pixel_values.abs().max()) if pixel_values.numel() else 0.0
+    if peak > 20:
+        warnings.warn(f"pixel_values reach {peak:.0f}: they look like 0-255 images, not "
                       f"normalised ones (|x| of a few units). Run the model's image processor on them.", stacklevel=4)
 
 
