@@ -138,7 +138,7 @@ def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], o
         save_file(tensors, str(tmp / "trainable.safetensors"))
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "config": asdict(config), **fingerprint}, indent=2))
         if log is not None:
-            (tmp / LOG_FILE).write_text("".join(line + "\n" for line in log))
+            (tmp / LOG_FILE).write_text(_log_text(log))
     for _, old in _checkpoint_dirs(out_dir)[:-max(1, config.keep_checkpoints)]:
         _remove_tree(old)
     return target
@@ -209,9 +209,13 @@ def _resumed_log(checkpoint: Path | None, log_path: Path, start: int) -> list[st
     return _log_lines(log_path, start)
 
 
+def _log_text(log: list[str]) -> str:
+    return "".join(line + "\n" for line in log)
+
+
 def _write_log(path: Path, log: list[str]) -> None:
     with atomic_file(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in log))
+        tmp.write_text(_log_text(log))
 
 
 def train(model: nn.Module, rows: Sequence[Any], loss_fn: Callable[[nn.Module, list[Any]], torch.Tensor],
