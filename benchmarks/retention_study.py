@@ -91,8 +91,9 @@ def commit(paths: list[Path], message: str, tries: int = 5) -> None:
             time.sleep(2)
 
 
-def watch(out: Path, dest: Path, total: int, stop: threading.Event, do_commit: bool) -> None:
-    """Copy (and commit) every run as its runs.json appears."""
+def watch(out: Path, dest: Path, total: int, stop: threading.Event, do_commit: bool,
+          sitting: Sitting) -> None:
+    """Copy (and commit) every run as its runs.json appears, with the sitting's provenance."""
     seen = {p for p in out.glob("runs/*/*/seed*/runs.json")}
     while not stop.wait(15):
         for name in ("before_items.jsonl", "config.json"):
@@ -101,10 +102,39 @@ def watch(out: Path, dest: Path, total: int, stop: threading.Event, do_commit: b
         for p in sorted(set(out.glob("runs/*/*/seed*/runs.json")) - seen):
             seen.add(p)
             target = copy_run(p.parent, out, dest)
+            sitting.update()
             print(f"[study] kept {target.relative_to(ROOT)} ({len(seen)}/{total})", flush=True)
             if do_commit:
-                commit([target, *(dest / n for n in ("before_items.jsonl", "config.json") if (dest / n).is_file())],
+                commit([target, sitting.path, *(dest / n for n in ("before_items.jsonl", "config.json")
+                                                if (dest / n).is_file())],
                        f"results: {dest.name} {p.parent.relative_to(out / 'runs')} ({len(seen)}/{total})")
+
+
+class Sitting:
+    """One sitting's entry in ``provenance.json``, written when the sitting starts and again after
+    every kept run, so a sitting that is killed outright (no chance to write at the end) is still on
+    record with the runs it finished and the time it ran."""
+
+    def __init__(self, dest: Path, name: str, recipe: str, command: list[str], total: int):
+        self.dest, self.path, self.total = dest, dest / "provenance.json", total
+        self.started = time.time()
+        self.provenance = json.loads(self.path.read_text()) if self.path.is_file() else {
+            "study": name, "recipe": recipe, "command": f"python benchmarks/retention_study.py {name}",
+            "recipe_command": " ".join(["python", *command[1:]]).replace(str(ROOT) + "/", ""), "sittings": []}
+        self.entry = {
+            "started": datetime.datetime.fromtimestamp(self.started, datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": git("rev-parse", "--short", "HEAD"), "runs_at_start": self._runs_done()}
+        self.provenance["sittings"].append(self.entry)
+        self.update()
+
+    def _runs_done(self) -> int:
+        return len(list(self.dest.glob("runs/*/*/seed*/runs.json")))
+
+    def update(self, finished: bool = False) -> None:
+        self.entry.update({"wall_seconds": round(time.time() - self.started, 1), "finished": finished,
+                           "runs_done": self._runs_done(), "runs_total": self.total})
+        self.provenance["run_seconds"] = run_seconds(self.dest)
+        self.path.write_text(json.dumps(self.provenance, indent=2) + "\n")
 
 
 def run_study(name: str, do_commit: bool, extra: list[str]) -> None:
@@ -115,13 +145,9 @@ def run_study(name: str, do_commit: bool, extra: list[str]) -> None:
     command = [sys.executable, f"recipes/{recipe}.py", *flags, *COMMON, *extra, "--output-dir", str(out)]
     sys.path.insert(0, str(ROOT / "recipes"))
     total = count_runs(recipe, flags + extra)
-    provenance_path = dest / "provenance.json"
-    provenance = json.loads(provenance_path.read_text()) if provenance_path.is_file() else {
-        "study": name, "recipe": recipe, "command": " ".join(["python", "benchmarks/retention_study.py", name]),
-        "recipe_command": " ".join(["python", *command[1:]]).replace(str(ROOT) + "/", ""), "sittings": []}
-    started = time.time()
+    sitting = Sitting(dest, name, recipe, command, total)
     stop = threading.Event()
-    watcher = threading.Thread(target=watch, args=(out, dest, total, stop, do_commit), daemon=True)
+    watcher = threading.Thread(target=watch, args=(out, dest, total, stop, do_commit, sitting), daemon=True)
     watcher.start()
     print(f"[study] {name}: {total} runs, outputs in {out}, results in {dest}", flush=True)
     code = subprocess.run(command, cwd=ROOT).returncode
@@ -130,17 +156,12 @@ def run_study(name: str, do_commit: bool, extra: list[str]) -> None:
     for p in out.glob("runs/*/*/seed*/runs.json"):  # whatever the watcher had not picked up yet
         copy_run(p.parent, out, dest)
     finished = code == 0
-    provenance["sittings"].append({
-        "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
-        "wall_seconds": round(time.time() - started, 1), "commit": git("rev-parse", "--short", "HEAD"),
-        "finished": finished, "runs_done": len(list(dest.glob("runs/*/*/seed*/runs.json"))), "runs_total": total})
-    provenance["run_seconds"] = run_seconds(dest)
-    provenance_path.write_text(json.dumps(provenance, indent=2) + "\n")
+    sitting.update(finished)
     if finished:
         keep_report(out, dest)
     if do_commit:
         commit([dest], f"results: {dest.name} {'finished' if finished else 'stopped'} "
-                       f"({provenance['sittings'][-1]['runs_done']}/{total} runs)")
+                       f"({sitting.entry['runs_done']}/{total} runs)")
     if not finished:
         raise SystemExit(f"[study] {name}: the recipe stopped with exit code {code}; run the same command to go on.")
 

@@ -16,3 +16,25 @@ study = pytest.importorskip("retention_study")
 def test_each_study_parses_into_its_grid(name, runs):
     recipe, flags = study.STUDIES[name]
     assert study.count_runs(recipe, flags) == runs
+
+
+def test_a_sitting_is_on_record_from_its_start_and_after_every_run(tmp_path):
+    """A sitting killed outright never reaches its end: provenance.json must already say it ran."""
+    import json
+
+    def add_run(i):
+        run = tmp_path / "runs" / "lora" / "lr0.001_wd0" / f"seed{i}"
+        run.mkdir(parents=True)
+        (run / "runs.json").write_text(json.dumps([{"seconds": {"train": 2.0, "eval": 1.0}}]))
+
+    add_run(0)
+    sitting = study.Sitting(tmp_path, "clip_kpm", "clip_kpm", ["python", "recipes/clip_kpm.py"], total=3)
+    on_disk = json.loads((tmp_path / "provenance.json").read_text())
+    assert on_disk["sittings"][-1]["runs_at_start"] == 1 and on_disk["sittings"][-1]["finished"] is False
+    add_run(1)
+    sitting.update()
+    on_disk = json.loads((tmp_path / "provenance.json").read_text())
+    assert on_disk["sittings"][-1]["runs_done"] == 2 and on_disk["run_seconds"] == {"train": 4.0, "eval": 2.0}
+    study.Sitting(tmp_path, "clip_kpm", "clip_kpm", ["python", "recipes/clip_kpm.py"], total=3).update(finished=True)
+    sittings = json.loads((tmp_path / "provenance.json").read_text())["sittings"]
+    assert len(sittings) == 2 and sittings[-1]["runs_at_start"] == 2 and sittings[-1]["finished"] is True
