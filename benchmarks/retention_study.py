@@ -52,6 +52,9 @@ STUDIES: dict[str, tuple[str, list[str]]] = {
                                       "--lr-methods", "lora,corda,corda++,corda++:paper,corda++:heldout",
                                       "--scale-sweep", "--scales", "0.25,0.5,0.75"]),
 }
+# A study may start from another study's kept runs of the very same settings (same recipe, same
+# identity; only the grid differs), once one of them, rerun here, gives the same per-item results.
+REUSE = {"clip_kpm_cordapp": "clip_kpm"}
 COMMON = ["--no-save-adapters", "--resume"]
 KEEP = ("runs.json", "items.jsonl")  # and items_scale*.jsonl: what the statistics read
 
@@ -146,6 +149,11 @@ def run_study(name: str, do_commit: bool, extra: list[str]) -> None:
     sys.path.insert(0, str(ROOT / "recipes"))
     total = count_runs(recipe, flags + extra)
     sitting = Sitting(dest, name, recipe, command, total)
+    if reused := reuse(name, out, dest, recipe, command, flags + extra):
+        sitting.provenance["reused"] = reused
+        sitting.update()
+        if do_commit:
+            commit([dest], f"results: {dest.name} reuses {reused['runs']} runs of {reused['from']}")
     stop = threading.Event()
     watcher = threading.Thread(target=watch, args=(out, dest, total, stop, do_commit, sitting), daemon=True)
     watcher.start()
@@ -166,15 +174,85 @@ def run_study(name: str, do_commit: bool, extra: list[str]) -> None:
         raise SystemExit(f"[study] {name}: the recipe stopped with exit code {code}; run the same command to go on.")
 
 
-def count_runs(recipe: str, flags: list[str]) -> int:
-    """How many runs the grid has, from the recipe's own config and these flags."""
-    from corda_vl.lab.experiment import parse_recipe, settings
+def study_config(recipe: str, flags: list[str]):
+    """The recipe's config with the study's flags on top (as the recipe itself will parse them)."""
+    from corda_vl.lab.experiment import parse_recipe
     from corda_vl.lab.recipe_config import ClipRecipeConfig, LlamaRecipeConfig, LlavaRecipeConfig
 
     types = {"clip_kpm": ClipRecipeConfig, "llama_kpm": LlamaRecipeConfig, "llava_kpm": LlavaRecipeConfig}
     _, cfg = parse_recipe("", ROOT / "recipes" / "configs" / f"{recipe}.yaml", [f for f in flags if f != "--resume"],
                           config_type=types[recipe])
-    return len(settings(cfg))
+    return cfg
+
+
+def count_runs(recipe: str, flags: list[str]) -> int:
+    """How many runs the grid has, from the recipe's own config and these flags."""
+    from corda_vl.lab.experiment import settings
+
+    return len(settings(study_config(recipe, flags)))
+
+
+def reusable_runs(src: Path, recipe: str, flags: list[str]) -> list:
+    """The settings of this study's grid that ``src`` (another study's results folder) holds, after
+    checking that ``src`` ran the same recipe with the same identity (the settings that change the
+    numbers; fields the older config lacks are listed but cannot be compared)."""
+    from corda_vl.lab.experiment import settings
+    from corda_vl.lab.identity import differences, identity
+
+    cfg = study_config(recipe, flags)
+    old, mine = json.loads((src / "config.json").read_text()), identity(cfg)
+    if old.get("recipe") != recipe:
+        raise SystemExit(f"[study] cannot reuse {src}: it ran recipe {old.get('recipe')!r}, not {recipe!r}")
+    shared = [k for k in mine if k in old]
+    if diff := differences({k: old[k] for k in shared}, {k: mine[k] for k in shared}):
+        raise SystemExit(f"[study] cannot reuse {src}: its settings differ: {'; '.join(diff)}")
+    if absent := sorted(set(mine) - set(old)):
+        print(f"[study] {src.name} predates the settings {', '.join(absent)}: the check run decides", flush=True)
+    return [s for s in settings(cfg) if (src / "runs" / s.path / "runs.json").is_file()]
+
+
+def kept_files(run_dir: Path) -> dict[str, list]:
+    """A kept run's per-item results and scores, as parsed JSON, by file name."""
+    files = {}
+    for f in sorted(run_dir.iterdir()):
+        if f.name == "runs.json":
+            files[f.name] = [{k: r.get(k) for k in ("task", "retention", "update")} for r in json.loads(f.read_text())]
+        elif f.name in KEEP or (f.name.startswith("items_scale") and f.suffix == ".jsonl"):
+            files[f.name] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return files
+
+
+def reuse(name: str, out: Path, dest: Path, recipe: str, command: list[str], flags: list[str]) -> dict | None:
+    """Copy the runs of ``REUSE[name]``'s results folder that this grid also has into ``out`` (so
+    ``--resume`` reads them back) and ``dest``. One of them, CorDA++'s or else CorDA's where there
+    is one (the longest code path), is first rerun here: its scores and per-item results must equal the
+    kept ones exactly, else nothing is reused. Returns what provenance.json records."""
+    if name not in REUSE or not (src := results_dir(REUSE[name])).is_dir():
+        return None
+    found = reusable_runs(src, recipe, flags)
+    if not found:
+        return None
+    check = min(found, key=lambda s: ("corda++", "corda").index(s.method) if s.method in ("corda++", "corda") else 2)
+    only = ["--methods", check.method, "--lr-methods", check.method, "--lrs", f"{check.lr:g}",
+            "--seeds", str(check.seed), "--lora-weight-decays", ""]
+    if not (out / "runs" / check.path / "runs.json").is_file():
+        print(f"[study] rerunning {check.path} to compare with {src.name}", flush=True)
+        if subprocess.run([*command, *only], cwd=ROOT).returncode:
+            raise SystemExit(f"[study] the check run {check.path} failed; nothing was reused")
+    mine, kept = kept_files(out / "runs" / check.path), kept_files(src / "runs" / check.path)
+    if mine != kept:
+        differ = sorted(f for f in set(mine) | set(kept) if mine.get(f) != kept.get(f))
+        raise SystemExit(f"[study] {check.path} rerun here differs from {src.name} in {', '.join(differ)}: "
+                         f"its runs cannot be reused (remove {name} from REUSE to run them all)")
+    for s in found:
+        target = out / "runs" / s.path
+        if s != check and not (target / "runs.json").is_file():
+            target.mkdir(parents=True, exist_ok=True)
+            for f in (src / "runs" / s.path).iterdir():
+                shutil.copy2(f, target / f.name)
+        copy_run(target, out, dest)
+    print(f"[study] reused {len(found) - 1} runs of {src.name}; {check.path} rerun here was identical", flush=True)
+    return {"from": src.name, "runs": len(found) - 1, "check_run": check.path, "check_identical": True}
 
 
 def run_seconds(dest: Path) -> dict[str, float]:

@@ -38,3 +38,46 @@ def test_a_sitting_is_on_record_from_its_start_and_after_every_run(tmp_path):
     study.Sitting(tmp_path, "clip_kpm", "clip_kpm", ["python", "recipes/clip_kpm.py"], total=3).update(finished=True)
     sittings = json.loads((tmp_path / "provenance.json").read_text())["sittings"]
     assert len(sittings) == 2 and sittings[-1]["runs_at_start"] == 2 and sittings[-1]["finished"] is True
+
+
+def _kept_run(folder, setting, task_after):
+    import json
+
+    run = folder / "runs" / setting.path
+    run.mkdir(parents=True)
+    (run / "runs.json").write_text(json.dumps([{"task": {"after": task_after}, "retention": {}, "update": {},
+                                                "seconds": {"train": 1.0}}]))
+    (run / "items.jsonl").write_text(json.dumps({"benchmark": "letters", "values": [1, 0, 1]}) + "\n")
+
+
+def test_a_study_reuses_another_studys_runs_only_when_a_rerun_gives_the_same_items(tmp_path, monkeypatch):
+    import json
+
+    from corda_vl.lab.experiment import settings
+    from corda_vl.lab.identity import identity
+
+    flags = ["--methods", "lora,corda", "--seeds", "0"]
+    cfg = study.study_config("clip_kpm", flags)
+    lora, corda = settings(cfg)
+    src, out, dest = tmp_path / "src", tmp_path / "out", tmp_path / "dest"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(identity(cfg)))
+    _kept_run(src, lora, 0.5)
+    _kept_run(src, corda, 0.7)
+    _kept_run(out, corda, 0.7)  # the check run (CorDA's), as if rerun here: no recipe is launched
+    monkeypatch.setitem(study.REUSE, "mine", "other")
+    monkeypatch.setattr(study, "results_dir", lambda name: src)
+    reused = study.reuse("mine", out, dest, "clip_kpm", ["false"], flags)
+    assert reused == {"from": "src", "runs": 1, "check_run": corda.path, "check_identical": True}
+    assert (out / "runs" / lora.path / "items.jsonl").is_file() and (dest / "runs" / lora.path / "runs.json").is_file()
+
+    (out / "runs" / lora.path / "runs.json").unlink()
+    (out / "runs" / corda.path / "items.jsonl").write_text(json.dumps({"benchmark": "letters", "values": [1, 1, 1]}))
+    with pytest.raises(SystemExit, match="differs from src in items.jsonl"):
+        study.reuse("mine", out, dest, "clip_kpm", ["false"], flags)
+    assert not (out / "runs" / lora.path / "runs.json").is_file()  # nothing reused
+
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "rank": config["rank"] + 1}))
+    with pytest.raises(SystemExit, match="rank"):
+        study.reuse("mine", out, dest, "clip_kpm", ["false"], flags)
