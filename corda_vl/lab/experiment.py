@@ -39,7 +39,7 @@ from corda_vl.lab.eval.scores import ItemScores, read_items, write_items
 from corda_vl.lab.interpolation import adapter_scale, initial_factors, update_size
 from corda_vl.lab.report import Run, Score, run_from_dict, run_to_dict
 from corda_vl.lab.identity import claim_output_dir
-from corda_vl.lab.recipe_config import RecipeConfig, add_flags, flag_values
+from corda_vl.lab.recipe_config import RecipeConfig, add_flags, flag_values, split_method
 from corda_vl.saving import export_lora, save_corda
 from corda_vl.lab.training import train, trainable_parameters
 
@@ -75,7 +75,7 @@ def parse_recipe(doc: str, config_path: str | Path, argv: Sequence[str] | None =
 
 
 def _needs_store(method: str) -> bool:
-    return not is_baseline(method) and get_method(method.partition(":")[0]).needs_store
+    return not is_baseline(method) and get_method(split_method(method)[0]).needs_store
 
 
 def _needs_batches(method: str) -> bool:

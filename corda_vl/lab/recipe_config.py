@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin,
 
 import yaml
 
-from corda_vl.config import COMPACTNESS, CordaConfig, help_field
+from corda_vl.config import COMPACTNESS, DEFAULT_DAMPING, CordaConfig, help_field
 from corda_vl.errors import CordaError
 from corda_vl.lab.baselines import BASELINES
 from corda_vl.lab.resources import merge_overrides
@@ -73,7 +73,8 @@ class RecipeConfig:
                              default="auto")
     methods: list[str] = help_field(
         "Methods to compare, in this order (any of corda_vl.methods.method_names(), the PEFT baselines, "
-        "or corda++:<metric> for CorDA++ with compactness bound, paper or heldout).",
+        "corda++:<metric> for CorDA++ with compactness bound, paper or heldout, or a CorDA variant such as "
+        "corda:damping=0.01 or corda:factor_balance=norm; see split_method).",
         default_factory=lambda: ["lora", "corda", "corda++"])
     mode: Literal["kpm", "ipm"] = help_field(
         "'kpm': calibrate on the knowledge to keep, so the adapter starts in the directions that carry least of "
@@ -167,12 +168,18 @@ class RecipeConfig:
                                  f"or with {_flag(f.name)}.")
         if not self.methods:
             raise CordaError("methods is empty: name at least one, e.g. --methods lora,corda.")
-        choices = (*method_names(), *BASELINES, *(f"corda++:{m}" for m in COMPACTNESS))
-        unknown = [m for m in [*self.methods, *(self.lr_methods or [])] if m not in choices]
+        unknown = []
+        for m in dict.fromkeys([*self.methods, *(self.lr_methods or [])]):
+            base, _ = split_method(m)  # a malformed variant raises here, naming what it accepts
+            if base not in (*method_names(), *BASELINES):
+                unknown.append(m)
         if unknown:
-            raise CordaError(f"unknown method(s) {unknown}: choose one or more of {', '.join(choices)} "
-                             "(e.g. --methods lora,corda,corda++; corda++:<metric> picks CorDA++'s compactness "
-                             "metric), or register a new one with corda_vl.methods.register_method.")
+            raise CordaError(f"unknown method(s) {unknown}: choose one or more of "
+                             f"{', '.join((*method_names(), *BASELINES))} (e.g. --methods lora,corda,corda++; "
+                             "corda++:<metric> or corda:<field>=<value> for a variant), or register a new one "
+                             "with corda_vl.methods.register_method.")
+        for m in dict.fromkeys(m for m in [*self.methods, *(self.lr_methods or [])] if ":" in m):
+            self.corda_config(m)  # a variant's value is checked now, before any model is loaded
         self._check_numbers()
         if self.RETENTION is not None:
             unknown = [name for name in self.retention if name not in self.RETENTION]
@@ -240,7 +247,7 @@ class RecipeConfig:
         only the initialisation differs. A PEFT baseline (peft-corda, eva, mica) gets lora's."""
         if method in BASELINES:
             method = "lora"
-        method, _, metric = method.partition(":")  # corda++:heldout = corda++ with that compactness metric
+        method, variant = split_method(method)
         kwargs: dict[str, Any] = dict(
             method=method, r=self.rank, alpha=self.alpha, groups=self.groups, target_modules=self.target_modules,
             exclude_modules=self.exclude_modules, group_ranks=dict(self.group_ranks))
@@ -249,9 +256,41 @@ class RecipeConfig:
             kwargs["mode"] = self.mode
         if method == "corda++":
             kwargs.update(budget=self.budget, **self.cordapp)
-            if metric:
-                kwargs["compactness"] = metric
+        kwargs.update(variant)  # the variant's field wins over the YAML's
         return CordaConfig(**kwargs)
+
+
+# corda:<field>=<value>: a variant of a covariance method that differs in one CordaConfig field,
+# run beside the plain method in the same grid so the two are compared on the same seeds and items.
+VARIANT_FIELDS = ("damping", "factor_balance", "covariance_normalization", "compactness", "compactness_spectrum")
+
+
+def split_method(name: str) -> tuple[str, dict[str, Any]]:
+    """A recipe method name as (method, CordaConfig fields it sets):
+
+    * ``"corda"`` -> ``("corda", {})``;
+    * ``"corda++:heldout"`` -> ``("corda++", {"compactness": "heldout"})`` (a compactness metric);
+    * ``"corda:damping=0.01"`` -> ``("corda", {"damping": (0.01, 0.1, 1.0)})``: damping names the
+      smallest lam of the schedule, the engine's larger steps follow;
+    * ``"corda:factor_balance=norm"`` -> ``("corda", {"factor_balance": "norm"})``.
+    """
+    method, sep, variant = name.partition(":")
+    if not sep:
+        return name, {}
+    if method == "corda++" and variant in COMPACTNESS:
+        return method, {"compactness": variant}
+    field, eq, value = variant.partition("=")
+    if method not in ("corda", "corda++") or not eq or field not in VARIANT_FIELDS or not value:
+        raise CordaError(f"method {name!r}: a variant is corda++:<{'|'.join(COMPACTNESS)}> or "
+                         f"corda[++]:<field>=<value> with field one of {', '.join(VARIANT_FIELDS)} "
+                         "(e.g. corda:damping=0.01).")
+    if field != "damping":
+        return method, {field: value}
+    try:
+        lam = float(value)
+    except ValueError:
+        raise CordaError(f"method {name!r}: damping must be a number, e.g. corda:damping=0.01.") from None
+    return method, {"damping": (lam, *(d for d in DEFAULT_DAMPING if d > lam))}
 
 
 @dataclass(kw_only=True)

@@ -4,8 +4,8 @@ intervals (``study.json``, ``study.md``, ``tradeoff.png``, ``update.png``).
 * **Arms.** Runs that differ only by seed form an arm (method, mode, rank, lr, weight decay,
   adapter scale). An arm's metric is the mean over its seeds, with a 95 % interval from a
   bootstrap over seeds and items (``corda_vl.lab.stats``).
-* **Paired differences.** Every method against LoRA at the same learning rate, and CorDA++
-  against CorDA: the same seeds and the same items in every replicate, so the interval is that
+* **Paired differences.** Every method against LoRA at the same learning rate, and CorDA++,
+  CorDA variants and PEFT's CorDA against CorDA: the same seeds and the same items in every replicate, so the interval is that
   of the difference itself, not of two noisy means.
 * **Trade-off.** Each method's arms (learning rates, adapter scales) are points of task score
   (x) against mean relative retention (y, after / before, averaged over the retention
@@ -54,6 +54,9 @@ class Arm:
     @property
     def first(self) -> Run:
         return self.runs[0]
+
+
+CORDA_RIVALS = ("corda++", "corda:", "peft-corda")  # methods also paired with plain CorDA
 
 
 def _method_key(run: Run) -> str:
@@ -175,8 +178,9 @@ def _pairs(arms: list[Arm]) -> list[tuple[Arm, Arm]]:
             ref = by.get(("lora", r.lr, 0.0))
             if ref is not None and ref is not a:
                 out.append((a, ref))
-        # CorDA++ and PEFT's CorDA are each also judged against this library's CorDA
-        if (r.method.startswith("corda++") or r.method == "peft-corda") and ("corda", r.lr, r.weight_decay or 0.0) in by:
+        # CorDA++, CorDA variants (corda:<field>=<value>) and PEFT's CorDA are each also judged
+        # against this library's plain CorDA
+        if r.method.startswith(CORDA_RIVALS) and ("corda", r.lr, r.weight_decay or 0.0) in by:
             out.append((a, by[("corda", r.lr, r.weight_decay or 0.0)]))
     return out
 
@@ -260,7 +264,7 @@ def compute(out_dir: Path, n_boot: int = N_BOOT) -> dict[str, Any]:
     lora = next((m for m in methods if m.startswith("lora") and " wd " not in m), None)
     corda = next((m for m in methods if m.startswith("corda ")), None)
     pairs = [(m, lora) for m in methods if lora and m != lora]
-    pairs += [(m, corda) for m in methods if corda and m.startswith(("corda++", "peft-corda"))]
+    pairs += [(m, corda) for m in methods if corda and m.startswith(CORDA_RIVALS)]
     for m, ref in pairs:
         # Only the learning rates both methods ran: a reference swept over more of them has a richer
         # frontier, and would win against a single-lr method for that reason alone.

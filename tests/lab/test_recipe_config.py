@@ -75,8 +75,30 @@ def test_a_corda_plus_plus_variant_picks_its_compactness_metric():
     assert variant.damping == cfg.corda_config("corda++").damping  # everything else as corda++
     from corda_vl.lab.experiment import Setting
     assert Setting("corda++:heldout", 0.001, 0.0, 0).path == "cordapp-heldout/lr0.001_wd0/seed0"
-    with pytest.raises(CordaError, match=r"unknown method\(s\) \['corda\+\+:best'\]"):
+    with pytest.raises(CordaError, match=r"method 'corda\+\+:best': a variant is corda\+\+:<bound\|paper\|heldout> or"):
         LlamaRecipeConfig.from_yaml(yaml_path("llama_kpm"), overrides={"methods": ["corda++:best"]})
+
+
+def test_a_corda_variant_sets_one_field_and_is_checked_before_any_model_loads():
+    cfg = ClipRecipeConfig.from_yaml(yaml_path("clip_kpm"), overrides={
+        "methods": ["corda", "corda:damping=0.01", "corda:factor_balance=norm", "corda++:damping=0.001"]})
+    assert cfg.corda_config("corda").damping == (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    assert cfg.corda_config("corda:damping=0.01").damping == (0.01, 0.1, 1.0)  # the schedule from 1e-2 up
+    assert cfg.corda_config("corda:damping=0.003").damping == (0.003, 0.01, 0.1, 1.0)
+    balanced = cfg.corda_config("corda:factor_balance=norm")
+    assert (balanced.method, balanced.factor_balance, balanced.damping) == ("corda", "norm", cfg.corda_config("corda").damping)
+    assert cfg.corda_config("corda++:damping=0.001").budget == cfg.corda_config("corda++").budget
+    # the variant wins over the YAML's corda: section (llama_kpm sets damping >= 1e-2 there)
+    llama = LlamaRecipeConfig.from_yaml(yaml_path("llama_kpm"), overrides={"methods": ["corda", "corda:damping=0.0001"]})
+    assert llama.corda_config("corda").damping[0] == 0.01 and llama.corda_config("corda:damping=0.0001").damping[0] == 1e-4
+    from corda_vl.lab.experiment import Setting
+    assert Setting("corda:damping=0.01", 0.001, 0.0, 0).path == "corda-damping=0.01/lr0.001_wd0/seed0"
+    for bad, message in [("corda:factor_balance=both", "factor_balance='both' must be 'sigma' or 'norm'"),
+                         ("corda:damping=lots", "damping must be a number"),
+                         ("corda:rank=4", "field one of damping, factor_balance"),
+                         ("lora:damping=0.01", "a variant is"), ("corda:damping", "a variant is")]:
+        with pytest.raises(CordaError, match=message):
+            ClipRecipeConfig.from_yaml(yaml_path("clip_kpm"), overrides={"methods": ["corda", bad]})
 
 
 def test_every_train_config_field_is_a_recipe_field_with_the_same_default():
@@ -114,8 +136,8 @@ def test_an_unknown_key_is_refused_with_a_guess_and_the_known_keys(tmp_path):
 
 def test_unknown_methods_and_bad_modes_are_refused_with_the_remedy(tmp_path):
     with pytest.raises(CordaError, match=r"unknown method\(s\) \['dora'\]: choose one or more of lora, .*corda\+\+, "
-                                         r"peft-corda, eva, mica, corda\+\+:bound, corda\+\+:paper, corda\+\+:heldout "
-                                         r"\(e\.g\. --methods lora,corda,corda\+\+; corda\+\+:<metric> .*\), or register"):
+                                         r"peft-corda, eva, mica \(e\.g\. --methods lora,corda,corda\+\+; "
+                                         r"corda\+\+:<metric> or corda:<field>=<value> for a variant\), or register"):
         LlamaRecipeConfig.from_yaml(yaml_path("llama_kpm"), overrides={"methods": ["lora", "dora"]})
     path = write_variant(tmp_path, "llama_kpm", mode="both")
     with pytest.raises(CordaError, match=r"llama_kpm\.yaml: mode must be 'kpm' or 'ipm', got 'both'; fix it in the "

@@ -96,15 +96,17 @@ def test_matched_retention_uses_only_the_learning_rates_both_methods_ran(tmp_pat
     assert matched["difference"]["estimate"] == pytest.approx(0.0)
 
 
-def test_peft_corda_and_corda_plus_plus_variants_are_paired_with_this_librarys_corda(tmp_path):
+def test_peft_corda_corda_plus_plus_and_corda_variants_are_paired_with_this_librarys_corda(tmp_path):
     write_before(tmp_path)
     for seed in range(3):
         write_run(tmp_path, "lora", 0.001, seed, 20, 40, [1.0])
         write_run(tmp_path, "corda", 0.001, seed, 25, 46, [1.0])
         write_run(tmp_path, "peft-corda", 0.001, seed, 25, 36, [1.0])
         write_run(tmp_path, "corda++:heldout", 0.001, seed, 25, 46, [1.0])
+        write_run(tmp_path, "corda:damping=0.01", 0.001, seed, 25, 46, [1.0])
     result = compute(tmp_path, n_boot=200)
     assert ("corda++:heldout kpm r4", "corda kpm r4") in {(m["method"], m["reference"]) for m in result["matched"]}
+    assert ("corda:damping=0.01 kpm r4", "corda kpm r4") in {(m["method"], m["reference"]) for m in result["matched"]}
     pairs = {(p["arm"], p["reference"]): p["difference"] for p in result["paired"]}
     diff = pairs[("peft-corda kpm r4 lr 0.001", "corda kpm r4 lr 0.001")]
     assert diff["r"]["estimate"] == pytest.approx(-10 / N_KEEP) and diff["r"]["high"] < 0
