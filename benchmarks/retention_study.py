@@ -31,6 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 BASELINES = "pissa,milora,peft-corda,eva,mica"
+# CorDA, CorDA++ under each compactness metric, and CorDA with the damping floor the recipe does not use
+CLIP_VARIANTS = "corda,corda++,corda++:paper,corda++:heldout,corda:damping=0.01"
+LLAMA_VARIANTS = "corda,corda++,corda++:paper,corda++:heldout,corda:damping=0.0001"
 STUDIES: dict[str, tuple[str, list[str]]] = {
     # name: (recipe, flags). lora, corda and corda++ at three learning rates; the baselines and
     # LoRA + weight decay at the recipe's rate; the adapter-scale dial adds frontier points.
@@ -45,16 +48,18 @@ STUDIES: dict[str, tuple[str, list[str]]] = {
     "llava_kpm": ("llava_kpm", ["--seeds", "0,1,2", "--methods", f"lora,corda,corda++,{BASELINES}",
                                 "--lrs", "0.00025,0.0005,0.001", "--lr-methods", "lora,corda,corda++",
                                 "--lora-weight-decays", "0.1"]),
-    # CorDA++ under each compactness metric against CorDA, LoRA and PEFT's CorDA (the CorDA++ choice)
-    "clip_kpm_cordapp": ("clip_kpm", ["--seeds", "0,1,2,3,4",
-                                      "--methods", "lora,corda,corda++,corda++:paper,corda++:heldout,peft-corda",
-                                      "--lrs", "0.0005,0.001,0.002",
-                                      "--lr-methods", "lora,corda,corda++,corda++:paper,corda++:heldout",
-                                      "--scale-sweep", "--scales", "0.25,0.5,0.75"]),
+    # The CorDA++ and KPM-default choices: CorDA++ under each compactness metric, and CorDA with the
+    # other recipes' damping floor, against CorDA, LoRA and PEFT's CorDA (the runs the recipe's own
+    # study has already made are reused, see REUSE)
+    "clip_kpm_variants": ("clip_kpm", ["--seeds", "0,1,2,3,4", "--methods", f"lora,{CLIP_VARIANTS},peft-corda",
+                                       "--lrs", "0.0005,0.001,0.002", "--lr-methods", f"lora,{CLIP_VARIANTS}",
+                                       "--scale-sweep", "--scales", "0.25,0.5,0.75"]),
+    "llama_kpm_variants": ("llama_kpm", ["--seeds", "0,1,2", "--methods", f"lora,{LLAMA_VARIANTS},peft-corda",
+                                         "--lrs", "0.0005,0.001,0.002", "--lr-methods", f"lora,{LLAMA_VARIANTS}"]),
 }
 # A study may start from another study's kept runs of the very same settings (same recipe, same
 # identity; only the grid differs), once one of them, rerun here, gives the same per-item results.
-REUSE = {"clip_kpm_cordapp": "clip_kpm"}
+REUSE = {"clip_kpm_variants": "clip_kpm", "llama_kpm_variants": "llama_kpm"}
 COMMON = ["--no-save-adapters", "--resume"]
 KEEP = ("runs.json", "items.jsonl")  # and items_scale*.jsonl: what the statistics read
 
@@ -121,12 +126,13 @@ class Sitting:
     def __init__(self, dest: Path, name: str, recipe: str, command: list[str], total: int):
         self.dest, self.path, self.total = dest, dest / "provenance.json", total
         self.started = time.time()
+        started = datetime.datetime.fromtimestamp(self.started, datetime.timezone.utc)
         self.provenance = json.loads(self.path.read_text()) if self.path.is_file() else {
             "study": name, "recipe": recipe, "command": f"python benchmarks/retention_study.py {name}",
             "recipe_command": " ".join(["python", *command[1:]]).replace(str(ROOT) + "/", ""), "sittings": []}
         self.entry = {
-            "started": datetime.datetime.fromtimestamp(self.started, datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": git("rev-parse", "--short", "HEAD"), "runs_at_start": self._runs_done()}
+            "started": started.isoformat(timespec="seconds"), "commit": git("rev-parse", "--short", "HEAD"),
+            "runs_at_start": self._runs_done()}
         self.provenance["sittings"].append(self.entry)
         self.update()
 

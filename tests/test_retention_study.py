@@ -12,7 +12,7 @@ study = pytest.importorskip("retention_study")
 
 
 @pytest.mark.parametrize("name, runs", [("clip_kpm", 75), ("clip_ipm", 12), ("llama_kpm", 45), ("llava_kpm", 45),
-                                        ("clip_kpm_cordapp", 80)])
+                                        ("clip_kpm_variants", 95), ("llama_kpm_variants", 57)])
 def test_each_study_parses_into_its_grid(name, runs):
     recipe, flags = study.STUDIES[name]
     assert study.count_runs(recipe, flags) == runs
