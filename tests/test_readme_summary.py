@@ -29,6 +29,11 @@ summary = _load_summary()
 def test_readme_block_equals_the_generated_summary():
     block = summary.block_of(README.read_text(encoding="utf-8"))
     assert block == "\n" + summary.render()
+    study = summary.block_of(README.read_text(encoding="utf-8"), begin=summary.STUDY_BEGIN, end=summary.STUDY_END)
+    assert study == "\n" + summary.overview()
+    details = summary.block_of(summary.DETAILS.read_text(encoding="utf-8"), begin=summary.STUDY_BEGIN,
+                               end=summary.STUDY_END)
+    assert details == "\n" + summary.render_studies()
     assert summary.main(["--check", str(README)]) == 0
 
 
@@ -42,16 +47,18 @@ def test_summary_figures_come_from_the_results_file():
 
 
 def test_check_fails_on_a_stale_block_and_write_repairs_it(tmp_path, capsys):
+    details = tmp_path / "results.md"
+    details.write_text(summary.DETAILS.read_text(encoding="utf-8"), encoding="utf-8")
     readme = tmp_path / "README.md"
     text = README.read_text(encoding="utf-8")
     stale = text.replace("| KPM | ", "| KPM | 1", 1)
     assert stale != text
     readme.write_text(stale, encoding="utf-8")
-    assert summary.main(["--check", str(readme)]) == 1
+    assert summary.main(["--check", str(readme), "--details", str(details)]) == 1
     assert "stale" in capsys.readouterr().err
-    assert summary.main(["--write", str(readme)]) == 0
+    assert summary.main(["--write", str(readme), "--details", str(details)]) == 0
     assert readme.read_text(encoding="utf-8") == text
-    assert summary.main(["--check", str(readme)]) == 0
+    assert summary.main(["--check", str(readme), "--details", str(details)]) == 0
 
 
 def test_a_results_file_missing_a_required_key_fails_loudly(tmp_path):
@@ -144,12 +151,45 @@ def test_study_block_is_generated_from_the_dated_folders(tmp_path):
     assert summary.render_studies(tmp_path / "none").count("No retention study") == 1
 
 
-def test_study_block_is_checked_with_the_results_block(tmp_path):
+def test_the_readme_overview_has_a_column_per_kpm_study_and_a_row_per_method(tmp_path):
+    _study_folder(tmp_path, "2026-12-05-a")
+    second = _study_folder(tmp_path, "2026-12-06-b")
+    study = json.loads((second / "study.json").read_text())
+    study["matched"].append({"method": "pissa r8", "reference": "lora r8", "task_score": 0.5, "lrs": [0.001],
+                             "difference": {"estimate": -0.01, "low": -0.03, "high": 0.01}})
+    study["matched"][0]["method"] = "corda kpm r8"  # another rank: still the row 'corda'
+    (second / "study.json").write_text(json.dumps(study))
+    (second / "provenance.json").write_text(json.dumps({"study": "b", "sittings": []}))
+    block = summary.overview(tmp_path)
+    assert ("| method | [demo](2026-12-05-a/study.md) (3 seeds) | [b](2026-12-06-b/study.md) (3 seeds) |"
+            in block.replace(str(tmp_path) + "/", ""))
+    assert "| corda | 0.020 [0.010, 0.030]* | 0.020 [0.010, 0.030]* |" in block
+    assert "| pissa | – | -0.010 [-0.030, 0.010] |" in block
+    assert block.index("| pissa |") < block.index("| corda++ vs corda | no overlap | no overlap |")
+    assert summary.overview(tmp_path / "none").count("No retention study") == 1
+
+
+def test_an_ipm_study_is_summarised_by_its_convergence(tmp_path):
+    folder = _study_folder(tmp_path)
+    (folder / "config.json").write_text(json.dumps({"lr": 0.001, "mode": "ipm"}))
+    study = json.loads((folder / "study.json").read_text())
+    study["convergence"] = [{"arm": "corda ipm r4 lr 0.001", "reference": "lora r4 lr 0.001",
+                             "loss": {"ratio": {"estimate": 2.1, "low": 1.9, "high": 2.3}}}]
+    (folder / "study.json").write_text(json.dumps(study))
+    block = summary.overview(tmp_path)
+    assert "| method |" not in block
+    assert "(IPM): steps to LoRA's final training loss, LoRA's over the method's: corda 2.10 [1.90, 2.30]×." in block
+
+
+def test_study_blocks_are_checked_with_the_results_block(tmp_path):
     studies = tmp_path / "results"
     _study_folder(studies)
-    readme = tmp_path / "README.md"
+    readme, details = tmp_path / "README.md", tmp_path / "results.md"
     readme.write_text(README.read_text(encoding="utf-8"), encoding="utf-8")
-    assert summary.main(["--check", str(readme), "--studies", str(studies)]) == 1  # a new study: stale
-    assert summary.main(["--write", str(readme), "--studies", str(studies)]) == 0
-    assert "**demo**" in readme.read_text(encoding="utf-8")
-    assert summary.main(["--check", str(readme), "--studies", str(studies)]) == 0
+    details.write_text(summary.DETAILS.read_text(encoding="utf-8"), encoding="utf-8")
+    flags = ["--studies", str(studies), "--details", str(details)]
+    assert summary.main(["--check", str(readme), *flags]) == 1  # a new study: stale
+    assert summary.main(["--write", str(readme), *flags]) == 0
+    assert "[demo](" in readme.read_text(encoding="utf-8")
+    assert "**demo**" in details.read_text(encoding="utf-8") and "**demo**" not in readme.read_text(encoding="utf-8")
+    assert summary.main(["--check", str(readme), *flags]) == 0
