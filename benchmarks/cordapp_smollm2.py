@@ -2,6 +2,7 @@
 
     python benchmarks/cordapp_smollm2.py               # KPM, r = 32, ~3 min on 2 cores
     python benchmarks/cordapp_smollm2.py --mode ipm --rank 16
+    python benchmarks/cordapp_smollm2.py --compactness heldout --json benchmarks/results_cordapp_heldout.json
 
 One calibration (the demo's: capital questions + fact paragraphs about 128 countries), stored as
 the whole and as 2 random splits (collect_covariances(splits=2)). Then, each on a fresh copy of
@@ -34,10 +35,13 @@ import torch
 from corda_vl import CordaConfig, allocate_ranks, build_corda, build_record, collect_covariances
 from corda_vl.lab.data import capital_questions, country_fact_texts, padded_batches
 from corda_vl.lab.models import load_llama
+from corda_vl.lab.plots import plot_ranks
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--mode", default="kpm", choices=["kpm", "ipm"])
 parser.add_argument("--rank", type=int, default=32)
+parser.add_argument("--compactness", default="bound", choices=["bound", "paper", "heldout"],
+                    help="CorDA++'s metric (heldout: every candidate is scored on the last split and built without it)")
 parser.add_argument("--calib-samples", type=int, default=128)
 parser.add_argument("--repeats", type=int, default=2)
 parser.add_argument("--output-dir", default="out/cordapp_smollm2")
@@ -56,8 +60,9 @@ with torch.no_grad():
 
 configs = {
     "corda": CordaConfig(method="corda", mode=args.mode, r=args.rank),
-    "corda++ alloc": CordaConfig(method="corda++", mode=args.mode, r=args.rank, candidates=["calib"]),
-    "corda++ select": CordaConfig(method="corda++", mode=args.mode, r=args.rank),
+    "corda++ alloc": CordaConfig(method="corda++", mode=args.mode, r=args.rank, candidates=["calib"],
+                                 compactness=args.compactness),
+    "corda++ select": CordaConfig(method="corda++", mode=args.mode, r=args.rank, compactness=args.compactness),
 }
 
 
@@ -105,10 +110,11 @@ print(f"corda++ select: covariance chosen per layer: {dict(chosen)}")
 
 dry = allocate_ranks(model, store, configs["corda++ alloc"], progress=False)
 assert dry.ranks == {n: i["rank"] for n, i in record.modules.items()}, "dry run differs from the build"
-dry.plot(os.path.join(args.output_dir, f"ranks_{args.mode}_r{args.rank}.png"))
-print(f"rank plot: {args.output_dir}/ranks_{args.mode}_r{args.rank}.png (the dry run equals the build)")
+plot = os.path.join(args.output_dir, f"ranks_{args.mode}_r{args.rank}_{args.compactness}.png")
+plot_ranks(dry, plot)
+print(f"rank plot: {plot} (the dry run equals the build)")
 
-results = {"model": "SmolLM2-135M-Instruct", "mode": args.mode, "rank": args.rank,
+results = {"model": "SmolLM2-135M-Instruct", "mode": args.mode, "rank": args.rank, "compactness": args.compactness,
            "tokens": store.count(store.modules[0]), "seconds": dict(seconds), "best": best,
            "ratio": {k: v / best["corda"] for k, v in best.items()}, "max_dlogits": drift,
            "mean_rank": table, "sources_chosen": dict(chosen), "budget": record.budget,
