@@ -103,24 +103,38 @@ def run_peft(args, mode, model, batches):
     return get_peft_model(model, config), None
 
 
+def unique_input_dims(layer) -> list[int]:
+    """Widths of a LLaMA decoder layer's unique inputs: q/k/v share one, gate/up another."""
+    return [layer.self_attn.q_proj.in_features, layer.self_attn.o_proj.in_features,
+            layer.mlp.gate_proj.in_features, layer.mlp.down_proj.in_features]
+
+
 def run_floor(args, mode, model, batches):
     import torch
 
+    weight = next(model.parameters())
+    # The X^T X inputs take the model's device and dtype (on a GPU, bf16 GEMMs are the floor), and
+    # on a GPU every part ends with a synchronize, so it times the kernels, not their launches.
+    sync = torch.cuda.synchronize if weight.is_cuda else (lambda: None)
     timings = {}
     start = time.perf_counter()
     with torch.no_grad():
         for b in batches:
             model.model(**b, use_cache=False)
+    sync()
     timings["forward"] = time.perf_counter() - start
     n_tokens = sum(b["input_ids"].numel() for b in batches)
     layers = model.model.layers
-    inputs = {dim: torch.randn(n_tokens, dim) for dim in (model.config.hidden_size, model.config.intermediate_size)}
+    inputs = {dim: torch.randn(n_tokens, dim, device=weight.device, dtype=weight.dtype)
+              for dim in (model.config.hidden_size, model.config.intermediate_size)}
+    sync()
     start = time.perf_counter()
     for layer in layers:
-        for dim in (layer.self_attn.q_proj.in_features, layer.self_attn.o_proj.in_features,
-                    layer.mlp.gate_proj.in_features, layer.mlp.down_proj.in_features):
+        for dim in unique_input_dims(layer):
             _ = inputs[dim].T @ inputs[dim]
+    sync()
     timings["gemm"] = time.perf_counter() - start
+    del inputs, _
     start = time.perf_counter()
     for layer in layers:
         for name in PROJECTIONS:
@@ -130,6 +144,7 @@ def run_floor(args, mode, model, batches):
                 torch.linalg.svd(w, full_matrices=False)
             else:
                 torch.svd_lowrank(w, q=args.rank + 8, niter=2)
+    sync()
     timings["svd"] = time.perf_counter() - start
     return timings
 
