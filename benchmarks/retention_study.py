@@ -64,6 +64,11 @@ COMMON = ["--no-save-adapters", "--resume"]
 KEEP = ("runs.json", "items.jsonl")  # and items_scale*.jsonl: what the statistics read
 
 
+def kept(f: Path) -> bool:
+    """Whether a run's file is one the study keeps (what its statistics read)."""
+    return f.name in KEEP or (f.name.startswith("items_scale") and f.suffix == ".jsonl")
+
+
 def git(*args: str, check: bool = True) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, check=check, capture_output=True, text=True).stdout.strip()
 
@@ -78,7 +83,7 @@ def copy_run(run_dir: Path, out: Path, dest: Path) -> Path:
     target = dest / run_dir.relative_to(out)
     target.mkdir(parents=True, exist_ok=True)
     for f in run_dir.iterdir():
-        if f.name in KEEP or (f.name.startswith("items_scale") and f.suffix == ".jsonl"):
+        if kept(f):
             shutil.copy2(f, target / f.name)
     return target
 
@@ -223,7 +228,7 @@ def kept_files(run_dir: Path) -> dict[str, list]:
     for f in sorted(run_dir.iterdir()):
         if f.name == "runs.json":
             files[f.name] = [{k: r.get(k) for k in ("task", "retention", "update")} for r in json.loads(f.read_text())]
-        elif f.name in KEEP or (f.name.startswith("items_scale") and f.suffix == ".jsonl"):
+        elif kept(f):
             files[f.name] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     return files
 
