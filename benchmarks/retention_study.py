@@ -28,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 
+from corda_vl.lab.experiment import settings
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 BASELINES = "pissa,milora,peft-corda,eva,mica"
@@ -158,9 +160,10 @@ def run_study(name: str, do_commit: bool, extra: list[str]) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, f"recipes/{recipe}.py", *flags, *COMMON, *extra, "--output-dir", str(out)]
     sys.path.insert(0, str(ROOT / "recipes"))
-    total = count_runs(recipe, flags + extra)
+    cfg = study_config(recipe, flags + extra)
+    total = len(settings(cfg))
     sitting = Sitting(dest, name, recipe, command, total)
-    if reused := reuse(name, out, dest, recipe, command, flags + extra):
+    if reused := reuse(name, out, dest, cfg, command):
         sitting.provenance["reused"] = reused
         sitting.update()
         if do_commit:
@@ -198,19 +201,16 @@ def study_config(recipe: str, flags: list[str]):
 
 def count_runs(recipe: str, flags: list[str]) -> int:
     """How many runs the grid has, from the recipe's own config and these flags."""
-    from corda_vl.lab.experiment import settings
-
     return len(settings(study_config(recipe, flags)))
 
 
-def reusable_runs(src: Path, recipe: str, flags: list[str]) -> list:
+def reusable_runs(src: Path, cfg) -> list:
     """The settings of this study's grid that ``src`` (another study's results folder) holds, after
     checking that ``src`` ran the same recipe with the same identity (the settings that change the
     numbers; fields the older config lacks are listed but cannot be compared)."""
-    from corda_vl.lab.experiment import settings
     from corda_vl.lab.identity import differences, identity
 
-    cfg = study_config(recipe, flags)
+    recipe = cfg.recipe
     old, mine = json.loads((src / "config.json").read_text()), identity(cfg)
     if old.get("recipe") != recipe:
         raise SystemExit(f"[study] cannot reuse {src}: it ran recipe {old.get('recipe')!r}, not {recipe!r}")
@@ -233,14 +233,14 @@ def kept_files(run_dir: Path) -> dict[str, list]:
     return files
 
 
-def reuse(name: str, out: Path, dest: Path, recipe: str, command: list[str], flags: list[str]) -> dict | None:
+def reuse(name: str, out: Path, dest: Path, cfg, command: list[str]) -> dict | None:
     """Copy the runs of ``REUSE[name]``'s results folder that this grid also has into ``out`` (so
     ``--resume`` reads them back) and ``dest``. One of them, CorDA++'s or else CorDA's where there
     is one (the longest code path), is first rerun here: its scores and per-item results must equal the
     kept ones exactly, else nothing is reused. Returns what provenance.json records."""
     if name not in REUSE or not (src := results_dir(REUSE[name])).is_dir():
         return None
-    found = reusable_runs(src, recipe, flags)
+    found = reusable_runs(src, cfg)
     if not found:
         return None
     check = min(found, key=lambda s: ("corda++", "corda").index(s.method) if s.method in ("corda++", "corda") else 2)

@@ -67,17 +67,17 @@ def test_a_study_reuses_another_studys_runs_only_when_a_rerun_gives_the_same_ite
     _kept_run(out, corda, 0.7)  # the check run (CorDA's), as if rerun here: no recipe is launched
     monkeypatch.setitem(study.REUSE, "mine", "other")
     monkeypatch.setattr(study, "results_dir", lambda name: src)
-    reused = study.reuse("mine", out, dest, "clip_kpm", ["false"], flags)
+    reused = study.reuse("mine", out, dest, cfg, ["false"])
     assert reused == {"from": "src", "runs": 1, "check_run": corda.path, "check_identical": True}
     assert (out / "runs" / lora.path / "items.jsonl").is_file() and (dest / "runs" / lora.path / "runs.json").is_file()
 
     (out / "runs" / lora.path / "runs.json").unlink()
     (out / "runs" / corda.path / "items.jsonl").write_text(json.dumps({"benchmark": "letters", "values": [1, 1, 1]}))
     with pytest.raises(SystemExit, match="differs from src in items.jsonl"):
-        study.reuse("mine", out, dest, "clip_kpm", ["false"], flags)
+        study.reuse("mine", out, dest, cfg, ["false"])
     assert not (out / "runs" / lora.path / "runs.json").is_file()  # nothing reused
 
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, "rank": config["rank"] + 1}))
     with pytest.raises(SystemExit, match="rank"):
-        study.reuse("mine", out, dest, "clip_kpm", ["false"], flags)
+        study.reuse("mine", out, dest, cfg, ["false"])
