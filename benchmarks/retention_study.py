@@ -63,6 +63,8 @@ STUDIES: dict[str, tuple[str, list[str]]] = {
 # identity; only the grid differs), once one of them, rerun here, gives the same per-item results.
 REUSE = {"clip_kpm_variants": "clip_kpm", "llama_kpm_variants": "llama_kpm"}
 COMMON = ["--no-save-adapters", "--resume"]
+# The run that is rerun before reusing: the longest code path the grid shares with the other study.
+CHECK_ORDER = {"corda++": 0, "corda": 1}
 KEEP = ("runs.json", "items.jsonl")  # and items_scale*.jsonl: what the statistics read
 
 
@@ -166,7 +168,7 @@ def run_study(name: str, do_commit: bool, extra: list[str]) -> None:
     if reused := reuse(name, out, dest, cfg, command):
         sitting.provenance["reused"] = reused
         sitting.update()
-        if do_commit:
+        if do_commit and reused["runs"]:
             commit([dest], f"results: {dest.name} reuses {reused['runs']} runs of {reused['from']}")
     stop = threading.Event()
     watcher = threading.Thread(target=watch, args=(out, dest, total, stop, do_commit, sitting), daemon=True)
@@ -237,13 +239,13 @@ def reuse(name: str, out: Path, dest: Path, cfg, command: list[str]) -> dict | N
     """Copy the runs of ``REUSE[name]``'s results folder that this grid also has into ``out`` (so
     ``--resume`` reads them back) and ``dest``. One of them, CorDA++'s or else CorDA's where there
     is one (the longest code path), is first rerun here: its scores and per-item results must equal the
-    kept ones exactly, else nothing is reused. Returns what provenance.json records."""
+    kept ones exactly, else nothing is reused and every run is made here. Returns what provenance.json records."""
     if name not in REUSE or not (src := results_dir(REUSE[name])).is_dir():
         return None
     found = reusable_runs(src, cfg)
     if not found:
         return None
-    check = min(found, key=lambda s: ("corda++", "corda").index(s.method) if s.method in ("corda++", "corda") else 2)
+    check = min(found, key=lambda s: CHECK_ORDER.get(s.method, len(CHECK_ORDER)))
     only = ["--methods", check.method, "--lr-methods", check.method, "--lrs", f"{check.lr:g}",
             "--seeds", str(check.seed), "--lora-weight-decays", ""]
     if not (out / "runs" / check.path / "runs.json").is_file():
@@ -251,10 +253,14 @@ def reuse(name: str, out: Path, dest: Path, cfg, command: list[str]) -> dict | N
         if subprocess.run([*command, *only], cwd=ROOT).returncode:
             raise SystemExit(f"[study] the check run {check.path} failed; nothing was reused")
     mine, kept = kept_files(out / "runs" / check.path), kept_files(src / "runs" / check.path)
+    record = {"from": src.name, "runs": 0, "check_run": check.path, "check_identical": mine == kept}
     if mine != kept:
-        differ = sorted(f for f in set(mine) | set(kept) if mine.get(f) != kept.get(f))
-        raise SystemExit(f"[study] {check.path} rerun here differs from {src.name} in {', '.join(differ)}: "
-                         f"its runs cannot be reused (remove {name} from REUSE to run them all)")
+        record["differs_in"] = sorted(f for f in set(mine) | set(kept) if mine.get(f) != kept.get(f))
+        if same_file(out / "before_items.jsonl", src / "before_items.jsonl") is False:
+            record["differs_in"].append("before_items.jsonl (the base model itself scores differently here)")
+        print(f"[study] {check.path} rerun here differs from {src.name} in {', '.join(record['differs_in'])}: "
+              f"nothing is reused, every run is made here", flush=True)
+        return record
     for s in found:
         target = out / "runs" / s.path
         if s != check and not (target / "runs.json").is_file():
@@ -263,7 +269,12 @@ def reuse(name: str, out: Path, dest: Path, cfg, command: list[str]) -> dict | N
                 shutil.copy2(f, target / f.name)
         copy_run(target, out, dest)
     print(f"[study] reused {len(found) - 1} runs of {src.name}; {check.path} rerun here was identical", flush=True)
-    return {"from": src.name, "runs": len(found) - 1, "check_run": check.path, "check_identical": True}
+    return {**record, "runs": len(found) - 1}
+
+
+def same_file(a: Path, b: Path) -> bool | None:
+    """Whether two files hold the same bytes (None: one of them is missing)."""
+    return a.read_bytes() == b.read_bytes() if a.is_file() and b.is_file() else None
 
 
 def run_seconds(dest: Path) -> dict[str, float]:

@@ -73,8 +73,11 @@ def test_a_study_reuses_another_studys_runs_only_when_a_rerun_gives_the_same_ite
 
     (out / "runs" / lora.path / "runs.json").unlink()
     (out / "runs" / corda.path / "items.jsonl").write_text(json.dumps({"benchmark": "letters", "values": [1, 1, 1]}))
-    with pytest.raises(SystemExit, match="differs from src in items.jsonl"):
-        study.reuse("mine", out, dest, cfg, ["false"])
+    (src / "before_items.jsonl").write_text("base here\n")
+    (out / "before_items.jsonl").write_text("base there\n")
+    refused = study.reuse("mine", out, dest, cfg, ["false"])
+    assert refused["runs"] == 0 and not refused["check_identical"]
+    assert refused["differs_in"][0] == "items.jsonl" and "base model" in refused["differs_in"][1]
     assert not (out / "runs" / lora.path / "runs.json").is_file()  # nothing reused
 
     config = json.loads((src / "config.json").read_text())
