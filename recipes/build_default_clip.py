@@ -17,17 +17,14 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch
 
 from corda_vl.lab.models.default_clip import ALIASES, BUILD_RECORD, default_clip_dir
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--name", default="corda-vl-clip", choices=sorted(ALIASES), help="which embedded CLIP")
 parser.add_argument("--force", action="store_true", help="rebuild even if the cache holds it")
-parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (builds are reproducible per count)")
 args = parser.parse_args()
 
-torch.set_num_threads(args.threads)
 started = time.time()
 target = default_clip_dir(args.name, rebuild=args.force)
 record = json.loads((target / BUILD_RECORD).read_text())

@@ -15,15 +15,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch
-
 from corda_vl.lab.models.default_llava import BUILD_RECORD, DEFAULT_LLAVA, default_llava_dir
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--name", default=DEFAULT_LLAVA, help="embedded alias (corda-vl-llava or corda-vl-llava-tiny)")
 parser.add_argument("--force", action="store_true", help="rebuild even if cached")
 args = parser.parse_args()
-torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 path = default_llava_dir(args.name, rebuild=args.force)
 record = json.loads((path / BUILD_RECORD).read_text())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -27,6 +29,40 @@ def built_from(target: Path, recipe: dict) -> bool | None:
     if not record.is_file():
         return None
     return json.loads(record.read_text())["recipe"] == recipe
+
+
+@contextmanager
+def pinned_threads(threads: int) -> Iterator[None]:
+    """Run a build on ``threads`` torch CPU threads, then give the caller back its own count.
+
+    A build's weights depend on the thread count (reductions split differently), so a build that
+    took the caller's count gave a different model when a recipe (1 thread) rather than the build
+    script (2 threads) triggered it. The count is part of the build recipe instead."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def build_environment() -> dict:
+    """What a build's numbers may depend on beyond its recipe: library versions (torch's kernels,
+    the image decoding and resizing) and the thread count it ran on."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    env = {"python": platform.python_version(), "threads": torch.get_num_threads()}
+    for package in ("torch", "transformers", "numpy", "pillow", "scikit-learn", "easy-vqa"):
+        try:
+            env[package] = version(package)
+        except PackageNotFoundError:
+            env[package] = None
+    return env
 
 
 def require_local_path(name_or_path: str) -> str:

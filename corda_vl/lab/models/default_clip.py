@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,8 @@ from corda_vl.atomic import atomic_dir
 from corda_vl.errors import CordaError
 from corda_vl.lab.resources import load_json_asset, merge_overrides
 from corda_vl.scaleout.distributed import main_process_first
-from corda_vl.lab.models.cache import BUILD_RECORD, built_from, model_dir, require_local_path
+from corda_vl.lab.models.cache import (BUILD_RECORD, build_environment, built_from, model_dir, pinned_threads,
+                                       require_local_path)
 from corda_vl.lab.training import warmup_cosine
 
 DEFAULT_CLIP = "corda-vl-clip"
@@ -319,13 +319,11 @@ def build_default_clip(out_dir: str | Path, *, size: str = "default", progress: 
                        overwrite: bool = False) -> dict:
     """Train the default CLIP of ``size`` into ``out_dir`` (written atomically) and return its
     build record: recipe, parameters, zero-shot scores next to chance, seconds, data used."""
-    from transformers import __version__ as transformers_version
-
     t_start = time.perf_counter()
     recipe = clip_recipe(size)
     image_size = recipe["model"]["vision_config"]["image_size"]
     preprocess = _preprocess(image_size, recipe["normalize"])
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp, pinned_threads(recipe["train"]["threads"]):
         tokenizer = clip_bpe_tokenizer(tmp, recipe["model"]["text_config"]["max_position_embeddings"])
         t0 = time.perf_counter()
         images = _train_images(recipe, preprocess)
@@ -351,8 +349,7 @@ def build_default_clip(out_dir: str | Path, *, size: str = "default", progress: 
                      "eval_templates": "assets/templates/zero_shot.json"},
             "preprocess": {"image_size": image_size, "resize": "bicubic, shortest edge, centre crop",
                            **recipe["normalize"]},
-            "environment": {"torch": torch.__version__, "transformers": transformers_version,
-                            "threads": torch.get_num_threads(), "python": platform.python_version()},
+            "environment": build_environment(),
         }
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

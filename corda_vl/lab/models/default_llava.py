@@ -22,7 +22,8 @@ from corda_vl.lab.losses import answer_batch, answer_loss
 from corda_vl.errors import CordaError
 from corda_vl.lab.resources import load_json_asset, merge_overrides
 from corda_vl.scaleout.distributed import main_process_first
-from corda_vl.lab.models.cache import BUILD_RECORD, built_from, model_dir, require_local_path
+from corda_vl.lab.models.cache import (BUILD_RECORD, build_environment, built_from, model_dir, pinned_threads,
+                                       require_local_path)
 from corda_vl.lab.training import warmup_cosine
 from corda_vl.lab.models.default_clip import default_clip_dir
 from corda_vl.lab.models.llama import load_llama
@@ -153,20 +154,22 @@ def build_default_llava(out_dir: str | Path, *, size: str = "default", clip_dir:
     t_start = time.perf_counter()
     recipe = llava_recipe(size)
     clip_dir = Path(clip_dir or default_clip_dir(recipe["clip"], cache_dir=cache_dir, progress=progress))
-    lm, tokenizer = load_llama(language_model or recipe["language_model"])
-    model, processor = assemble_llava(clip_dir, lm, tokenizer, recipe, seed=recipe["train"]["seed"])
-    vqa_data = easy_vqa(seed=recipe["train"]["seed"])
-    rows = _sample(vqa_data["train"], recipe["train"]["max_train_questions"], 0)
-    t0 = time.perf_counter()
-    losses = train_projector(model, processor, rows, recipe, progress)
-    train_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    scores = evaluate_default_llava(model, processor, recipe, progress, vqa_data)
+    with pinned_threads(recipe["train"]["threads"]):
+        lm, tokenizer = load_llama(language_model or recipe["language_model"])
+        model, processor = assemble_llava(clip_dir, lm, tokenizer, recipe, seed=recipe["train"]["seed"])
+        vqa_data = easy_vqa(seed=recipe["train"]["seed"])
+        rows = _sample(vqa_data["train"], recipe["train"]["max_train_questions"], 0)
+        t0 = time.perf_counter()
+        losses = train_projector(model, processor, rows, recipe, progress)
+        train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scores = evaluate_default_llava(model, processor, recipe, progress, vqa_data)
+        environment = build_environment()
     record = {"name": DEFAULT_LLAVA if size == "default" else f"{DEFAULT_LLAVA}-{size}", "recipe": recipe,
               "clip": str(clip_dir), "language_model": language_model or recipe["language_model"],
               "parameters": {"total": sum(p.numel() for p in model.parameters()),
                              "projector": sum(p.numel() for p in model.model.multi_modal_projector.parameters())},
-              "scores": scores, "loss": {"first": losses[0], "last": losses[-1]},
+              "scores": scores, "loss": {"first": losses[0], "last": losses[-1]}, "environment": environment,
               "seconds": {"train": train_s, "eval": time.perf_counter() - t0}}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)

@@ -87,7 +87,14 @@ def test_tiny_build_writes_a_loadable_model_with_its_record(cache, monkeypatch):
 
 def test_tiny_build_is_deterministic(cache, tmp_path):
     torch.manual_seed(7)
-    record = build_default_clip(tmp_path / "again", size="tiny", progress=False)
+    callers_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a recipe on 1 thread triggering the build must get the same model
+    try:
+        record = build_default_clip(tmp_path / "again", size="tiny", progress=False)
+        assert torch.get_num_threads() == 1  # the caller's count is given back
+    finally:
+        torch.set_num_threads(callers_threads)
+    assert record["environment"]["threads"] == clip_recipe("tiny")["train"]["threads"] == 2
     first = load_file(cache / "models" / TINY / "model.safetensors")
     second = load_file(tmp_path / "again" / "model.safetensors")
     assert first.keys() == second.keys()

@@ -31,6 +31,7 @@ def test_build_record_and_files(built):
     assert saved["scores"] == record["scores"] and saved["recipe"]["size"] == "tiny"
     assert 0 <= record["scores"]["vqa"]["accuracy"] <= 1 and record["scores"]["capitals"]["n"] == 3
     assert record["parameters"]["projector"] > 0 and record["loss"]["first"] > 0
+    assert record["environment"]["threads"] == saved["recipe"]["train"]["threads"]  # pinned, whoever builds
 
 
 def test_only_the_projector_changed_and_text_outputs_are_the_lms(built):
