@@ -46,7 +46,8 @@ def model_fingerprint(model: nn.Module, module_names: list[str]) -> str:
     for name in sorted(module_names):
         weight = model.get_submodule(name).weight
         flat = weight.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, steps=16).long().to(flat.device)
+        # integer positions: a float32 linspace rounds past the end of tensors over 2**24 elements
+        idx = (torch.arange(16) * (flat.numel() - 1) // 15).to(flat.device)
         sample = flat[idx].to(torch.bfloat16).float().cpu()
         h.update(name.encode())
         h.update(str(tuple(weight.shape)).encode())

@@ -144,3 +144,12 @@ def test_an_edited_header_fails_its_checksum(store, tmp_path, edit):
     save_file(tensors, str(path), metadata={"corda_vl": json.dumps(meta)})
     with pytest.raises(CacheError, match="header .* fails its checksum"):
         CovarianceStore.load(path)
+
+
+def test_fingerprint_samples_the_last_element_of_a_weight_over_2_24_elements():
+    big = torch.nn.Module()
+    big.embed = torch.nn.Embedding(4097, 4096)  # 16,781,312 elements: past float32's exact integers
+    before = model_fingerprint(big, ["embed"])
+    with torch.no_grad():
+        big.embed.weight[-1, -1] += 1.0  # the last sampled position is the last element
+    assert model_fingerprint(big, ["embed"]) != before
