@@ -184,7 +184,7 @@ def calibrate_seeds(recipe: Recipe, model, out_dir: Path, *, resume: bool) -> di
     and saved (the runs load their seed's store onto their fresh model). Empty when no method
     reads covariances."""
     cfg = recipe.cfg
-    on_main(lambda: claim_output_dir(cfg, resume, out_dir))
+    on_main(lambda: claim_output_dir(cfg, resume, out_dir, model=model))
     if recipe.calibration is None or not any(_needs_store(m) for m in cfg.methods):
         return {}
     stores = {}
@@ -334,7 +334,7 @@ def print_plans(recipe: Recipe, model) -> None:
 def base_scores(recipe: Recipe, model, out_dir: Path, *, resume: bool) -> Scores:
     """The base model's scores item by item, once for every run (kept in before_items.jsonl for
     --resume): no adapter, no seed, so they cannot differ between runs."""
-    on_main(lambda: claim_output_dir(recipe.cfg, resume, out_dir))
+    on_main(lambda: claim_output_dir(recipe.cfg, resume, out_dir, model=model))
     t0 = time.perf_counter()
     before = cached_scores(Path(out_dir) / "before_items.jsonl", lambda: recipe.evaluate(model), resume=resume)
     print(f"base model ({time.perf_counter() - t0:.0f} s): "

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from corda_vl import CordaError
-from corda_vl.lab.identity import FILE, claim_output_dir, identity
+from corda_vl.lab.identity import FILE, base_model_fingerprint, claim_output_dir, identity
 from corda_vl.lab.recipe_config import LlamaRecipeConfig
 
 YAML = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "llama_kpm.yaml"
@@ -55,3 +55,22 @@ def test_a_folder_from_before_identities_is_accepted_with_a_warning(tmp_path):
     assert (tmp_path / FILE).is_file()
     with pytest.raises(CordaError, match="rank: 2 -> 4"):  # and from then on, it is checked
         claim_output_dir(config(tmp_path, rank=4), resume=True)
+
+
+def test_a_base_model_with_other_weights_is_refused_and_an_older_folder_gets_the_fingerprint(tmp_path):
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    claim_output_dir(config(tmp_path), resume=False)  # a folder from before fingerprints
+    path = claim_output_dir(config(tmp_path), resume=True, model=model)
+    recorded = json.loads(path.read_text())
+    assert recorded["base_model"] == base_model_fingerprint(model)
+    claim_output_dir(config(tmp_path), resume=True)  # without the model: the settings alone
+    assert json.loads(path.read_text()) == recorded
+    claim_output_dir(config(tmp_path), resume=True, model=model)
+    before = files(tmp_path)
+    with torch.no_grad():
+        model[0].weight.mul_(1.01)  # another build of the same architecture
+    with pytest.raises(CordaError, match="base_model: "):
+        claim_output_dir(config(tmp_path), resume=True, model=model)
+    assert files(tmp_path) == before
