@@ -168,17 +168,15 @@ class RecipeConfig:
                                  f"or with {_flag(f.name)}.")
         if not self.methods:
             raise CordaError("methods is empty: name at least one, e.g. --methods lora,corda.")
-        unknown = []
-        for m in dict.fromkeys([*self.methods, *(self.lr_methods or [])]):
-            base, _ = split_method(m)  # a malformed variant raises here, naming what it accepts
-            if base not in (*method_names(), *BASELINES):
-                unknown.append(m)
+        named = list(dict.fromkeys([*self.methods, *(self.lr_methods or [])]))
+        # split_method raises on a malformed variant, naming what it accepts
+        unknown = [m for m in named if split_method(m)[0] not in (*method_names(), *BASELINES)]
         if unknown:
             raise CordaError(f"unknown method(s) {unknown}: choose one or more of "
                              f"{', '.join((*method_names(), *BASELINES))} (e.g. --methods lora,corda,corda++; "
                              "corda++:<metric> or corda:<field>=<value> for a variant), or register a new one "
                              "with corda_vl.methods.register_method.")
-        for m in dict.fromkeys(m for m in [*self.methods, *(self.lr_methods or [])] if ":" in m):
+        for m in (m for m in named if ":" in m):
             self.corda_config(m)  # a variant's value is checked now, before any model is loaded
         self._check_numbers()
         if self.RETENTION is not None:
