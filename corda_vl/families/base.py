@@ -80,12 +80,28 @@ def detect_family(model: nn.Module) -> Family:
     """The highest-priority registered family that recognises ``model``."""
     matches = [f for f in _REGISTRY.values() if f.detect(model)]
     if not matches:
-        raise UnknownFamilyError(
-            f"{type(model).__name__} is not a model family corda_vl knows (registered: "
-            f"{registered_families()}). Add one: build a corda_vl.families.Family (groups, routing, "
-            f"forward) and pass it to corda_vl.families.register_family."
-        )
+        raise UnknownFamilyError(f"{type(model).__name__} is not a model family corda_vl knows{_why_unknown(model)} "
+                                 f"(registered: {registered_families()}). Add one: build a corda_vl.families.Family "
+                                 f"(groups, routing, forward) and pass it to corda_vl.families.register_family.")
     return max(matches, key=lambda f: f.priority)
+
+
+def is_vision_language(model: nn.Module) -> bool:
+    """Whether the model's config has a vision part (``vision_config``): its language layers then
+    see image tokens too, so a text-only family must not claim it."""
+    return getattr(getattr(model, "config", None), "vision_config", None) is not None
+
+
+def _why_unknown(model: nn.Module) -> str:
+    """What the error can say about a model no family recognises."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if is_vision_language(model):
+        return (f": it is a vision-language model (model_type {model_type!r}) whose layout is not LLaVA's, and "
+                f"adapting it as a text-only model would leave out its image tokens and vision layers")
+    if any(type(m).__name__ == "Conv1D" for m in model.modules()):
+        return (": its projections are transformers Conv1D layers (GPT-2 style, weights stored transposed), "
+                "which no family adapts yet")
+    return ""
 
 
 def has_module(model: nn.Module, pattern: str) -> bool:

@@ -1,6 +1,9 @@
-"""LLaMA-style decoder-only language models (LlamaForCausalLM, SmolLM2, Mistral, Qwen2...).
+"""LLaMA-style decoder-only language models (LlamaForCausalLM, SmolLM2, Mistral, Qwen2, Qwen3, Gemma,
+Gemma 2 and 3 text, Phi-3...).
 
-Recognised by structure: decoder layers with ``self_attn.q_proj`` and ``mlp.gate_proj``. Groups:
+Recognised by structure: decoder layers with ``self_attn.q_proj`` (or Phi-3's fused ``qkv_proj``)
+and ``mlp.gate_proj`` / ``up_proj`` (or ``gate_up_proj``), in a model whose config has no
+``vision_config`` (a VLM's language model sees image tokens: not a text-only model). Groups:
 ``language`` (default): every Linear inside the decoder layers; ``head``: the LM head, opt-in
 (calibrating it costs a vocabulary-sized forward, and it is often tied to the embeddings).
 Padding is excluded through the attention mask.
@@ -14,14 +17,17 @@ from typing import Any
 import torch
 
 from corda_vl.errors import CalibrationError
-from corda_vl.families.base import Family, Routes, has_module, register_family, tensor_dict, text_mask, text_probe
+from corda_vl.families.base import (Family, Routes, has_module, is_vision_language, register_family, tensor_dict,
+                                   text_mask, text_probe)
 
 TEXT_KEYS = ("input_ids", "attention_mask")
 
 
 def _detect(model) -> bool:
-    return has_module(model, r"layers\.\d+\.self_attn\.q_proj$") and has_module(
-        model, r"layers\.\d+\.mlp\.(gate|up)_proj$"
+    if is_vision_language(model):  # Qwen2-VL, PaliGemma...: LLaMA-like layers, but not text-only
+        return False
+    return has_module(model, r"layers\.\d+\.self_attn\.(q|qkv)_proj$") and has_module(
+        model, r"layers\.\d+\.mlp\.(gate|up|gate_up)_proj$"
     )
 
 

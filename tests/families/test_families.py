@@ -48,3 +48,41 @@ def test_a_group_that_matches_nothing_is_an_error(llama):
     decoder_only = llama.model  # LlamaModel: the decoder layers without an LM head
     with pytest.raises(TargetError, match="group 'head' matches no nn.Linear"):
         resolve_targets(decoder_only, detect_family(decoder_only), groups=["head"])
+
+
+TEXT = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+              patch_size=8)
+
+
+def tiny_vlm(model_type: str):
+    """Vision-language models whose language layers look like LLaMA's (tiny, random)."""
+    import transformers as T
+
+    if model_type == "qwen2_vl":
+        return T.Qwen2VLForConditionalGeneration(T.Qwen2VLConfig(
+            text_config=dict(TEXT, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+            vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
+                               temporal_patch_size=1), image_token_id=90, video_token_id=91))
+    if model_type == "paligemma":
+        return T.PaliGemmaForConditionalGeneration(T.PaliGemmaConfig(
+            text_config=dict(TEXT, model_type="gemma", head_dim=8), vision_config=VISION, image_token_index=90,
+            projection_dim=32))
+    return T.Idefics3ForConditionalGeneration(T.Idefics3Config(
+        text_config=dict(TEXT, model_type="llama"), vision_config=VISION, image_token_id=90, scale_factor=1))
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "paligemma", "idefics3"])
+def test_a_vlm_outside_llavas_layout_is_never_taken_for_a_text_model(model_type):
+    with pytest.raises(UnknownFamilyError, match=f"vision-language model \\(model_type '{model_type}'\\).*registered"):
+        detect_family(tiny_vlm(model_type))
+
+
+def test_gpt2_conv1d_layers_are_named_in_the_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                                      bos_token_id=1, eos_token_id=2))
+    with pytest.raises(UnknownFamilyError, match="Conv1D"):
+        detect_family(gpt2)
