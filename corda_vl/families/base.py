@@ -150,7 +150,7 @@ def clip_describe(name: str, group: str) -> str:
     """What feeds each CLIP module (transformers and open_clip name their projections alike:
     ``visual...`` / ``text...``)."""
     if group == "projection":
-        return "pooled image features" if name.startswith("visual") else "pooled text features"
+        return "pooled image features" if name.startswith(("visual", "vision_model")) else "pooled text features"
     return "image patches" if group == "vision" else "text tokens"
 
 

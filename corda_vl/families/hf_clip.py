@@ -1,8 +1,9 @@
-"""transformers ``CLIPModel`` (and SigLIP-like dual encoders with the same layout).
+"""transformers ``CLIPModel`` and ``SiglipModel`` (dual encoders with the same layout).
 
 Groups: ``vision`` (vision_model encoder Linears) <- images, ``text`` (text_model encoder
 Linears) <- texts (padding masked), ``projection`` (``visual_projection`` <- pooled image
-features, ``text_projection`` <- pooled text features). A batch may carry images
+features, ``text_projection`` <- pooled text features; SigLIP: ``vision_model.head.mlp`` <- the
+attention-pooled image state, ``text_model.head`` <- the pooled text state). A batch may carry images
 (``pixel_values``), texts (``input_ids`` + ``attention_mask``) or both; each tower only ever
 runs on its own modality, so the text tower receives no image statistics and vice versa.
 """
@@ -64,7 +65,10 @@ HF_CLIP = register_family(
         groups={
             "vision": r"^vision_model\.encoder\.layers\.\d+\.(self_attn|mlp)\.[^.]+$",
             "text": r"^text_model\.encoder\.layers\.\d+\.(self_attn|mlp)\.[^.]+$",
-            "projection": r"^(visual_projection|text_projection)$",
+            # SigLIP pools with heads instead: the text head and the image head's MLP. Its attention
+            # (nn.MultiheadAttention) reads out_proj's weight directly, so an adapter there would
+            # never run: it is left out on purpose.
+            "projection": r"^(visual_projection|text_projection|text_model\.head|vision_model\.head\.mlp\.fc\d)$",
         },
         default_groups=("vision", "text"),
         route=_route,

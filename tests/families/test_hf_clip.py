@@ -84,3 +84,37 @@ def test_save_load_and_dry_run_match_the_adapter(tmp_path):
 def test_clip_batches_must_carry_images_or_texts():
     with pytest.raises(CalibrationError, match="pixel_values.*input_ids"):
         collect_covariances(tiny_clip(), [{"attention_mask": torch.ones(2, 3)}], progress=False)
+
+
+def tiny_siglip(seed: int = 0):
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(seed)
+    return SiglipModel(SiglipConfig(
+        text_config=dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                         max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=16, patch_size=8))).eval()
+
+
+def test_siglip_pooling_heads_are_the_projection_group_and_adapt_exactly(tmp_path):
+    from peft import PeftModel
+    from transformers import SiglipModel
+
+    from corda_vl.targets import resolve_targets
+
+    model, batches = tiny_siglip(), clip_batches()
+    family = detect_family(model)
+    heads = [t.name for t in resolve_targets(model, family, groups=["projection"])]
+    assert heads == ["text_model.head", "vision_model.head.mlp.fc1", "vision_model.head.mlp.fc2"]  # not MHA's out_proj
+    assert family.describe("vision_model.head.mlp.fc1", "projection") == "pooled image features"
+    store = collect_covariances(model, batches, groups=ALL, progress=False)
+    assert store.count("vision_model.head.mlp.fc1") == store.count("text_model.head") == 24  # one row per example
+    ref = features(model, batches)
+    peft_model = build_corda(model, store, CordaConfig(r=4, groups=ALL), progress=False)
+    for out, expected in zip(features(peft_model, batches), ref):
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)
+    out = save_corda(peft_model, tmp_path / "siglip")
+    stock = PeftModel.from_pretrained(SiglipModel.from_pretrained(out / "residual"), out / "adapter")
+    for got, expected in zip(features(stock, batches), ref):
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
