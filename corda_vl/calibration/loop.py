@@ -118,7 +118,24 @@ def collect_covariances(
                       f"reaches them, or leave them out of the targets.", stacklevel=3)  # past renamed_arguments
     store.fingerprint = model_fingerprint(model, list(store.inputs))
     warn_small(store, {t.name: t.d_in for t in resolved}, stacklevel=4)
+    warn_missing_sources(store, family, resolved, source, stacklevel=4)
     return store
+
+
+def warn_missing_sources(store: CovarianceStore, family: Family, resolved, source: str, stacklevel: int = 3) -> None:
+    """One warning per group whose routing names a kind of token (image, text) that no batch
+    carried: a VLM calibrated on text only is allowed, but its adapter then protects nothing the
+    model does with images, and the user should know."""
+    for group, suffixes in family.token_sources.items():
+        reached = [t.name for t in resolved if t.group == group and t.name in store.inputs]
+        if not reached:
+            continue
+        missing = [f"{source}/{s}" for s in suffixes if f"{source}/{s}" not in store.sources_for(reached[0])]
+        if missing:
+            warnings.warn(f"the {group} layers saw no {' or '.join(m.rsplit('/', 1)[1] for m in missing)} tokens, so "
+                          f"{', '.join(missing)} is missing: their adapters are built from the other tokens alone "
+                          f"and protect nothing the model does with these. Calibrate on batches that carry "
+                          f"them (the processor's output, images included) to protect both.", stacklevel=stacklevel)
 
 
 @dataclass

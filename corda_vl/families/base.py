@@ -10,7 +10,7 @@ import difflib
 import re
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,6 +46,9 @@ class Family:
     """Higher wins when several families recognise a model (LLaVA contains a LLaMA)."""
     image_groups: tuple[str, ...] = ()
     """Groups fed by image patches: the memory planner sizes them by images, not text tokens."""
+    token_sources: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """group -> the source suffixes its routing splits tokens into (LLaVA's language: image, text).
+    Calibration warns when one of them received no token (a VLM calibrated on text only)."""
     probe_batch: Callable[[nn.Module], dict[str, Any]] | None = None
     """(model built from a shrunk config) -> one small batch the memory planner calibrates it on,
     to see which modules share an input. None: the plan assumes no sharing and says so."""

@@ -125,6 +125,7 @@ LLAVA = register_family(
         prepare=_prepare,
         describe=_describe,
         image_groups=("vision", "projector"),
+        token_sources={"language": ("image", "text"), "head": ("image", "text")},
         probe_batch=_probe_batch,
         priority=10,  # a LLaVA contains a LLaMA; the more specific family wins
     )

@@ -129,3 +129,20 @@ def test_per_group_rank_and_mode(store):
     assert record["model.language_model.layers.0.self_attn.q_proj"]["mode"] == "kpm"
     assert base.model.language_model.layers[0].mlp.down_proj.r["default"] == 3  # rank_pattern wins
     assert not any("vision_tower" in n and "lora" in n for n, _ in base.named_modules())  # vision frozen
+
+
+def test_text_only_calibration_is_allowed_with_a_warning_that_image_tokens_are_missing():
+    import warnings
+
+    model, batches = tiny_llava(), llava_batches()
+    text_only = [{"input_ids": b["input_ids"].masked_fill(b["input_ids"] == IMAGE_TOKEN, 3),
+                  "attention_mask": b["attention_mask"]} for b in batches]
+    with pytest.warns(UserWarning, match="language layers saw no image tokens, so calib/image is missing"):
+        store = collect_covariances(model, text_only, groups=["language"], progress=False)
+    assert store.sources == ["calib", "calib/text"]
+    ref = logits(model, batches[0])
+    built = build_corda(model, store, CordaConfig(r=4, groups=["language"]), progress=False)
+    torch.testing.assert_close(logits(built, batches[0]), ref, atol=3e-5, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with images, nothing is missing: no warning
+        collect_covariances(tiny_llava(), batches, groups=["language"], progress=False)
