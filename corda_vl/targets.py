@@ -62,17 +62,15 @@ def resolve_targets(
             f"group(s) {unknown} do not exist in the {family.name} family; its groups are "
             f"{list(family.groups)}."
         )
-    in_groups: dict[str, tuple[nn.Linear, str]] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        group = family.group_of(name)
-        if group in groups:
-            in_groups[name] = (module, group)
+    every = {name: (module, family.group_of(name)) for name, module in model.named_modules()
+             if isinstance(module, nn.Linear)}
+    in_groups = {name: (module, group) for name, (module, group) in every.items() if group in groups}
+    present = [g for g in family.groups if any(group == g for _, group in every.values())]
     for group in groups:
-        if not any(g == group for _, g in in_groups.values()):
-            raise TargetError(f"group {group!r} matches no nn.Linear module in this "
-                              f"{type(model).__name__}; check the model or drop the group.")
+        if group not in present:
+            raise TargetError(f"group {group!r} matches no nn.Linear module in this {type(model).__name__}; "
+                              f"check the model or drop the group: the groups with layers here are {present}, "
+                              f"e.g. groups={[g for g in groups if g in present] or present[:1]}.")
     kept = _matches_peft(list(in_groups), target_modules, exclude_modules)
     if not kept:
         examples = ", ".join(list(in_groups)[:3])

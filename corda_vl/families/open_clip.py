@@ -1,7 +1,8 @@
-"""open_clip CLIP models (ViT towers), after :func:`convert_open_clip`.
+"""open_clip CLIP models, after :func:`convert_open_clip`.
 
-Groups: ``vision`` (``visual.transformer.resblocks.N``: attn q/k/v/out, mlp c_fc/c_proj) <-
-images; ``text`` (``transformer.resblocks.N``) <- texts, padding (token id 0 after the end
+Groups: ``vision`` (``visual.transformer.resblocks.N``: attn q/k/v/out, mlp c_fc/c_proj; for a
+timm tower such as ConvNeXt, its trunk's Linear layers and its head's projection; a ResNet tower
+has none that can be adapted, so there only ``text`` and ``projection`` apply) <- images; ``text`` (``transformer.resblocks.N``) <- texts, padding (token id 0 after the end
 token) masked; ``projection`` (``visual.proj.linear``, ``text_projection.linear``) <- pooled
 features. Batches: ``{"pixel_values" or "image": images}`` and/or ``{"input_ids" or "text":
 tokens from open_clip's tokenizer}``.
@@ -23,8 +24,7 @@ PAD_ID = 0
 
 
 def _detect(model: nn.Module) -> bool:
-    return all(hasattr(model, a) for a in ("encode_image", "encode_text", "visual")) and hasattr(
-        getattr(model, "visual"), "transformer")
+    return all(hasattr(model, a) for a in ("encode_image", "encode_text", "visual", "transformer"))
 
 
 def _validate(model: nn.Module) -> None:
@@ -63,12 +63,16 @@ def _forward(model, batch: Mapping[str, Any]):
 
 
 BLOCK = r"transformer\.resblocks\.\d+\.(attn\.(q|k|v|out)_proj|mlp\.c_(fc|proj))$"
+# timm towers (ConvNeXt, timm ViTs): the Linear layers their forward calls as modules. ModifiedResNet's
+# attention pool is left out: it hands its q/k/v/c_proj weights to F.multi_head_attention_forward,
+# so an adapter on them would never run.
+TIMM = r"(trunk\..*\.(attn\.(qkv|proj)|mlp\.fc\d)|head\.(proj|mlp\.fc\d))$"
 
 OPEN_CLIP = register_family(
     Family(
         name="open_clip",
         detect=_detect,
-        groups={"vision": r"^visual\." + BLOCK, "text": r"^" + BLOCK,
+        groups={"vision": r"^visual\.(" + BLOCK + "|" + TIMM + ")", "text": r"^" + BLOCK,
                 "projection": r"^(visual\.proj\.linear|text_projection\.linear|text_projection)$"},
         default_groups=("vision", "text"),
         image_groups=("vision",),

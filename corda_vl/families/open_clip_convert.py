@@ -112,11 +112,10 @@ def convert_open_clip(model: nn.Module) -> nn.Module:
     if not hasattr(model, "encode_image") or not hasattr(model, "visual"):
         raise CordaError(f"{type(model).__name__} is not an open_clip CLIP model (no visual / encode_image).")
     towers = _towers(model)
-    if not any(name == "visual.transformer" for name, _ in towers):
-        raise CordaError(f"open_clip vision tower {type(model.visual).__name__} has no ViT transformer; "
-                         f"timm/ConvNeXt towers are adapted through their own Linear layers only, if any: "
-                         f"use target_modules on them directly.")
-    for _, tower in towers:
+    if not towers:
+        raise CordaError(f"{type(model).__name__} has neither a ViT image tower nor open_clip's own text "
+                         f"transformer (model.transformer); its towers cannot be converted.")
+    for _, tower in towers:  # a ResNet / timm image tower has no nn.MultiheadAttention to convert
         for parent in list(tower.modules()):
             for child_name, child in list(parent.named_children()):
                 if isinstance(child, nn.MultiheadAttention):

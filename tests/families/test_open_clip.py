@@ -96,8 +96,8 @@ def test_unconvertible_models_are_clear_errors():
     with pytest.raises(CordaError, match="not an open_clip CLIP"):
         convert_open_clip(torch.nn.Linear(2, 2))
     model = tiny_open_clip()
-    model.visual = torch.nn.Conv2d(3, 24, 16)  # a tower without a ViT transformer (timm/ConvNeXt-like)
-    with pytest.raises(CordaError, match="no ViT transformer"):
+    model.visual, model.transformer = torch.nn.Conv2d(3, 24, 16), None  # no transformer in either tower
+    with pytest.raises(CordaError, match="neither a ViT image tower nor open_clip's own text transformer"):
         convert_open_clip(model)
     bad = torch.nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True)
     with pytest.raises(CordaError, match="bias_k"):
@@ -154,3 +154,50 @@ def test_per_module_ranks_do_not_collide_between_towers_and_reload(tmp_path, con
     stock = PeftModel.from_pretrained(residual, out / "adapter")  # stock PEFT, no corda_vl code
     for got, expected in zip(encode(stock, batches), ref):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def tiny_open_clip_with(tower: str, seed: int = 0):
+    """An open_clip CLIP whose image tower is not a ViT: a ModifiedResNet or a timm ConvNeXt."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionCfg(layers=(1, 1, 1, 1), width=8, head_width=8, image_size=32) if tower == "resnet" else \
+        CLIPVisionCfg(timm_model_name="convnext_atto", timm_model_pretrained=False, timm_pool="avg",
+                      timm_proj="linear", image_size=32)
+    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=4, layers=1)
+    return CLIP(embed_dim=24, vision_cfg=vision, text_cfg=text).eval()
+
+
+def batches_32px():
+    g = torch.Generator().manual_seed(3)
+    return [{"image": torch.randn(8, 3, 32, 32, generator=g)} if "image" in b else b for b in open_clip_batches()]
+
+
+@pytest.mark.parametrize("tower, vision_layers", [("resnet", []), ("convnext", ["visual.head.proj"])])
+def test_non_vit_towers_adapt_what_can_be_adapted_exactly_and_go_back_to_stock(tower, vision_layers):
+    pytest.importorskip("timm")
+    model, batches = convert_open_clip(tiny_open_clip_with(tower)), batches_32px()
+    family = detect_family(model)
+    assert family.name == "open_clip"
+    if not vision_layers:  # ResNet's attention pool hands its weights to F.multi_head_attention_forward
+        with pytest.raises(TargetError, match=r"group 'vision' matches no nn.Linear.*groups=\['text'\]"):
+            collect_covariances(model, batches, progress=False)
+    groups = ["text", "projection"] + (["vision"] if vision_layers else [])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # projections see only 16 pooled rows
+        store = collect_covariances(model, batches, groups=groups, progress=False)
+    assert [n for n in store.modules if n.startswith("visual")] == vision_layers
+    ref = encode(model, batches)
+    peft_model = build_corda(model, store, CordaConfig(r=2, groups=groups), progress=False)
+    for out, expected in zip(encode(peft_model, batches), ref):
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)
+    with torch.no_grad():  # "train": move every adapter, then write a stock open_clip state dict
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    trained = encode(peft_model, batches)
+    stock = tiny_open_clip_with(tower, seed=9)
+    stock.load_state_dict(to_open_clip_state_dict(peft_model))
+    for out, expected in zip(encode(stock, batches), trained):
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
