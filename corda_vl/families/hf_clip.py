@@ -1,11 +1,13 @@
-"""transformers ``CLIPModel`` and ``SiglipModel`` (dual encoders with the same layout).
+"""transformers ``CLIPModel``, ``SiglipModel`` and ``Siglip2Model`` (dual encoders with the same layout).
 
 Groups: ``vision`` (vision_model encoder Linears) <- images, ``text`` (text_model encoder
 Linears) <- texts (padding masked), ``projection`` (``visual_projection`` <- pooled image
 features, ``text_projection`` <- pooled text features; SigLIP: ``vision_model.head.mlp`` <- the
 attention-pooled image state, ``text_model.head`` <- the pooled text state). A batch may carry images
 (``pixel_values``), texts (``input_ids`` + ``attention_mask``) or both; each tower only ever
-runs on its own modality, so the text tower receives no image statistics and vice versa.
+runs on its own modality, so the text tower receives no image statistics and vice versa. SigLIP 2
+batches carry ``pixel_attention_mask`` and ``spatial_shapes`` (its processor's NaFlex output): both
+reach the model, and padding patches are left out of the vision covariances.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from corda_vl.errors import CalibrationError
 from corda_vl.families.base import (Family, check_pixels, Routes, clip_describe, has_module, image_probe, register_family, tensor_dict,
                                     text_mask, text_probe)
 
-KEYS = ("pixel_values", "input_ids", "attention_mask")
+KEYS = ("pixel_values", "input_ids", "attention_mask", "pixel_attention_mask", "spatial_shapes")
+NAFLEX = ("pixel_attention_mask", "spatial_shapes")  # SigLIP 2: patches padded to a fixed count
 
 
 def _detect(model) -> bool:
@@ -35,6 +38,9 @@ def _prepare(model, batch: Any) -> dict[str, Any]:
         raise CalibrationError("a CLIP batch needs 'pixel_values' (images) and/or 'input_ids' (texts).")
     if "attention_mask" in out and "input_ids" not in out:
         del out["attention_mask"]
+    if "pixel_values" not in out:
+        for key in NAFLEX:
+            out.pop(key, None)
     if "pixel_values" in out:
         check_pixels(out["pixel_values"])
     return out
@@ -42,8 +48,9 @@ def _prepare(model, batch: Any) -> dict[str, Any]:
 
 def _route(model, batch: Mapping[str, Any]) -> Routes:
     routes: Routes = {}
-    if "pixel_values" in batch:
-        routes["vision"] = {"": None}  # every patch token and the class token
+    if "pixel_values" in batch:  # every patch token (and CLIP's class token); SigLIP 2's padding patches masked
+        mask = batch.get("pixel_attention_mask")
+        routes["vision"] = {"": None if mask is None else mask.bool()}
     if "input_ids" in batch:
         routes["text"] = {"": text_mask(batch)}
     routes["projection"] = {"": None}  # pooled features, one row per example
@@ -52,7 +59,7 @@ def _route(model, batch: Mapping[str, Any]) -> Routes:
 
 def _forward(model, batch: Mapping[str, Any]):
     if "pixel_values" in batch:
-        model.get_image_features(pixel_values=batch["pixel_values"])
+        model.get_image_features(pixel_values=batch["pixel_values"], **{k: batch[k] for k in NAFLEX if k in batch})
     if "input_ids" in batch:
         model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
 

@@ -118,3 +118,36 @@ def test_siglip_pooling_heads_are_the_projection_group_and_adapt_exactly(tmp_pat
     stock = PeftModel.from_pretrained(SiglipModel.from_pretrained(out / "residual"), out / "adapter")
     for got, expected in zip(features(stock, batches), ref):
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
+
+
+def test_siglip2_calibrates_on_naflex_batches_with_padding_patches_left_out():
+    from transformers import Siglip2Config, Siglip2Model
+
+    torch.manual_seed(0)
+    model = Siglip2Model(Siglip2Config(
+        text_config=dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                         max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                           num_patches=16, patch_size=4))).eval()
+    g = torch.Generator().manual_seed(4)
+    mask = torch.ones(4, 16, dtype=torch.long)
+    mask[1::2, 12:] = 0  # two images of 3x4 patches, padded to 16
+    shapes = torch.tensor([[4, 4], [3, 4], [4, 4], [3, 4]])
+    image = {"pixel_values": torch.randn(4, 16, 48, generator=g), "pixel_attention_mask": mask,
+             "spatial_shapes": shapes}
+    text = next(b for b in clip_batches() if "input_ids" in b)
+    assert detect_family(model).name == "hf_clip"
+    store = collect_covariances(model, [image, text], progress=False)
+    name = "vision_model.encoder.layers.0.mlp.fc1"
+    seen = module_inputs(model, name, lambda m, b: m.get_image_features(**b), [image])[0]
+    kept = seen[mask.bool()]
+    assert store.count(name) == int(mask.sum()) == 56
+    torch.testing.assert_close(store.sum(name), kept.T @ kept, rtol=1e-5, atol=1e-4)
+
+    def image_features(m):
+        with torch.no_grad():
+            return m.get_image_features(**image).pooler_output
+
+    ref = image_features(model)
+    built = build_corda(model, store, CordaConfig(r=4), progress=False)
+    torch.testing.assert_close(image_features(built.get_base_model()), ref, atol=2e-5, rtol=0)
