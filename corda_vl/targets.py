@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
+import torch
 from torch import nn
 
 from corda_vl.errors import TargetError
 from corda_vl.families.base import Family
+from corda_vl.layers import is_adaptable, linear_weight
 
 if TYPE_CHECKING:
     from corda_vl.config import CordaConfig
@@ -21,16 +23,22 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Target:
     name: str
-    module: nn.Linear
+    module: nn.Module
+    """An ``nn.Linear`` or a transformers ``Conv1D``."""
     group: str
 
     @property
+    def weight(self) -> torch.Tensor:
+        """(d_out, d_in), whichever way the layer stores it."""
+        return linear_weight(self.module)
+
+    @property
     def d_in(self) -> int:
-        return self.module.in_features
+        return self.weight.shape[1]
 
     @property
     def d_out(self) -> int:
-        return self.module.out_features
+        return self.weight.shape[0]
 
 
 def _matches_peft(names: list[str], target_modules, exclude_modules) -> list[str]:
@@ -52,7 +60,8 @@ def resolve_targets(
     target_modules: Sequence[str] | str | None = None,
     exclude_modules: Sequence[str] | str | None = None,
 ) -> list[Target]:
-    """The nn.Linear modules of ``groups`` that match the PEFT-style patterns, in model order."""
+    """The nn.Linear (and transformers Conv1D) modules of ``groups`` that match the PEFT-style
+    patterns, in model order."""
     if family.validate is not None:
         family.validate(model)
     groups = list(groups) if groups else list(family.default_groups)
@@ -62,8 +71,7 @@ def resolve_targets(
             f"group(s) {unknown} do not exist in the {family.name} family; its groups are "
             f"{list(family.groups)}."
         )
-    every = {name: (module, family.group_of(name)) for name, module in model.named_modules()
-             if isinstance(module, nn.Linear)}
+    every = {name: (module, family.group_of(name)) for name, module in model.named_modules() if is_adaptable(module)}
     in_groups = {name: (module, group) for name, (module, group) in every.items() if group in groups}
     present = [g for g in family.groups if any(group == g for _, group in every.values())]
     for group in groups:

@@ -25,6 +25,7 @@ from corda_vl.families.base import Family
 from corda_vl.methods import get_method
 from corda_vl.methods.base import Factors, module_record
 from corda_vl.scaleout.distributed import broadcast_parameters, is_distributed
+from corda_vl.layers import is_conv1d, linear_weight
 from corda_vl.targets import Target, config_targets
 
 
@@ -74,7 +75,13 @@ def lora_config_for(targets: list[Target], config: CordaConfig, task_type: str |
     rank_pattern = {exact_key(n): i["rank"] for n, i in infos.items() if i["rank"] != config.r}
     alpha_pattern = {exact_key(n): i["alpha"] for n, i in infos.items() if i["alpha"] != alpha}
     init = get_method(config.method).lora_init(config)
+    conv1d = [t.name for t in targets if is_conv1d(t.module)]
+    if conv1d and len(conv1d) < len(targets):
+        raise TargetError(f"{conv1d[0]!r} is a Conv1D layer (weight stored transposed) and other targets are "
+                          f"nn.Linear: one PEFT adapter config cannot hold both (fan_in_fan_out). Adapt them in "
+                          f"separate adapters, or narrow groups / target_modules to one kind.")
     return LoraConfig(
+        fan_in_fan_out=bool(conv1d),
         r=config.r,
         lora_alpha=alpha,
         target_modules=[t.name for t in targets],
@@ -97,7 +104,7 @@ def _write_factors(peft_model: PeftModel, factors: Factors, adapter: str) -> Non
         lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         lora_A.copy_(A.to(lora_A.device, lora_A.dtype))
         lora_B.copy_(B.to(lora_B.device, lora_B.dtype))
-        subtract_adapter_(layer.get_base_layer().weight, lora_A, lora_B, layer.scaling[adapter])
+        subtract_adapter_(linear_weight(layer.get_base_layer()), lora_A, lora_B, layer.scaling[adapter])
 
 
 def build_corda(

@@ -102,8 +102,8 @@ def _why_unknown(model: nn.Module) -> str:
         return (f": it is a vision-language model (model_type {model_type!r}) whose layout is not LLaVA's, and "
                 f"adapting it as a text-only model would leave out its image tokens and vision layers")
     if any(type(m).__name__ == "Conv1D" for m in model.modules()):
-        return (": its projections are transformers Conv1D layers (GPT-2 style, weights stored transposed), "
-                "which no family adapts yet")
+        return (": its projections are transformers Conv1D layers (GPT-2 style), in a layout other than "
+                "GPT-2's blocks (h.N.attn.c_attn, ...)")
     return ""
 
 

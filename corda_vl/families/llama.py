@@ -45,11 +45,11 @@ def prepare_text(model, batch: Any) -> dict[str, Any]:
     return out
 
 
-def _route(model, batch: Mapping[str, Any]) -> Routes:
+def text_route(model, batch: Mapping[str, Any]) -> Routes:
     return {"language": {"": text_mask(batch)}}
 
 
-def _forward(model, batch: Mapping[str, Any]):
+def causal_lm_forward(model, batch: Mapping[str, Any]):
     return model(**batch, use_cache=False)
 
 
@@ -59,8 +59,8 @@ LLAMA = register_family(
         detect=_detect,
         groups={"language": r"(^|\.)layers\.\d+\.(self_attn|mlp)\.[^.]+$", "head": r"(^|\.)lm_head$"},
         default_groups=("language",),
-        route=_route,
-        forward=_forward,
+        route=text_route,
+        forward=causal_lm_forward,
         prepare=prepare_text,
         task_type="CAUSAL_LM",
         describe=lambda name, group: "LM head input (text tokens)" if group == "head" else "text tokens",

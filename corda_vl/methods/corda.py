@@ -75,7 +75,7 @@ class Corda(Method):
             r, s = info[t.name]["rank"], config.scaling_for(t.name, t.group)
             mode = self.mode(config, t.group)
             try:
-                A, B, triplets = corda_factors(t.module.weight.detach(), cov, r, mode, s, config.svd,
+                A, B, triplets = corda_factors(t.weight.detach(), cov, r, mode, s, config.svd,
                                                config.lowrank_niter, spectrum=False)  # only the share is recorded
             except (DecompositionError, torch.linalg.LinAlgError) as exc:
                 raise DecompositionError(f"module {t.name!r}: {exc}") from exc

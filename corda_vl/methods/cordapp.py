@@ -162,7 +162,7 @@ def _analyse_input(key: str, members: list[Target], store: CovarianceStore, conf
         for t in members:
             choice = choices.get(t.name) or _new_choice(t, config, source)
             choices[t.name] = choice
-            weight = t.module.weight.detach()
+            weight = t.weight.detach()
             try:
                 triplets = co_svd(weight, cov, choice.high, choice.mode, config.svd, config.lowrank_niter)
             except (DecompositionError, torch.linalg.LinAlgError) as exc:

@@ -79,10 +79,8 @@ def test_a_vlm_outside_llavas_layout_is_never_taken_for_a_text_model(model_type)
         detect_family(tiny_vlm(model_type))
 
 
-def test_gpt2_conv1d_layers_are_named_in_the_error():
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_conv1d_layers_outside_gpt2s_layout_are_named_in_the_error():
+    from transformers.pytorch_utils import Conv1D
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=4, n_positions=64,
-                                      bos_token_id=1, eos_token_id=2))
     with pytest.raises(UnknownFamilyError, match="Conv1D"):
-        detect_family(gpt2)
+        detect_family(torch.nn.Sequential(Conv1D(4, 4)))
