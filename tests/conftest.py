@@ -20,6 +20,15 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, tie: bool = Fa
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
+def tiny_gpt2(seed: int = 0, tie: bool = True):
+    """GPT-2's layout: transformers Conv1D projections (weights stored transposed)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=tie)).eval()
+
+
 def text_batches(n_batches: int = 3, batch_size: int = 4, length: int = 20, seed: int = 1, pad: bool = True):
     """Random token batches; with ``pad`` some rows end in right padding (mask 0)."""
     g = torch.Generator().manual_seed(seed)

@@ -34,6 +34,7 @@ from corda_vl.deprecation import renamed_arguments
 from corda_vl.errors import CordaError
 from corda_vl.families import detect_family
 from corda_vl.families.base import image_tokens
+from corda_vl.layers import is_adaptable, linear_weight
 from corda_vl.scaleout.blocks import blocks_of
 from corda_vl.targets import Target, resolve_targets
 
@@ -253,8 +254,8 @@ def _block_memory(model: nn.Module, resolved: list[Target], inputs: dict[str, st
     for block in dict.fromkeys(block_of.values()):
         members = [t for t in resolved if block_of[t.name] == block]
         worst = max(members, key=lambda t: _workspace(t.d_in, t.d_out))
-        first = next(m for m in model.get_submodule(block).modules() if isinstance(m, nn.Linear))
-        width = max(first.in_features, first.out_features) if block in by_name else first.in_features
+        d_out, d_in = linear_weight(next(m for m in model.get_submodule(block).modules() if is_adaptable(m))).shape
+        width = max(d_in, d_out) if block in by_name else d_in
         rows = image_rows if members[0].group in image_groups else tokens
         out.append(BlockMemory(block, cov.get(block, 0), rows * width * cache_size,
                                _workspace(worst.d_in, worst.d_out), worst.name))

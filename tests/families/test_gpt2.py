@@ -4,18 +4,12 @@ clear error for a Conv1D + Linear mix."""
 
 import pytest
 import torch
-from conftest import logits, module_inputs, text_batches
+from conftest import logits, module_inputs, text_batches, tiny_gpt2
 from peft import PeftModel
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from corda_vl import CordaConfig, TargetError, build_corda, collect_covariances, plan, save_corda
 from corda_vl.families import detect_family
-
-
-def tiny_gpt2(seed: int = 0, tie: bool = True):
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=tie)).eval()
 
 
 def test_gpt2_is_detected_and_its_covariances_are_the_layer_inputs():

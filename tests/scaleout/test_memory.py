@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import clip_batches, llava_batches, text_batches, tiny_clip, tiny_llama, tiny_llava
+from conftest import clip_batches, llava_batches, text_batches, tiny_clip, tiny_gpt2, tiny_llama, tiny_llava
 
 from corda_vl import collect_covariances
 from corda_vl.errors import CordaError
@@ -20,7 +20,7 @@ LLAVA_GROUPS = ["vision", "projector", "language"]
 
 def _block(key: str) -> str:
     """Independent block naming: the 'layers.N' prefix, else the module itself."""
-    match = re.match(r"(.*layers\.\d+)\.", key)
+    match = re.match(r"(.*(?:layers|h)\.\d+)\.", key)
     return match.group(1) if match else key
 
 
@@ -33,6 +33,7 @@ def _per_block_max(store) -> int:
 
 CASES = {
     "llama": (tiny_llama, text_batches, None),
+    "gpt2": (tiny_gpt2, text_batches, None),  # Conv1D layers
     "clip": (tiny_clip, clip_batches, None),
     "llava": (tiny_llava, llava_batches, LLAVA_GROUPS),
 }
@@ -53,7 +54,9 @@ def test_plan_matches_a_real_store(case, dtype):
         assert plan.modules == len(store.inputs)
         assert plan.sequential_bytes(dtype) == _per_block_max(store)
         assert plan.sequential_bytes(dtype) < plan.covariance_bytes(dtype)  # 2 layers: about half
-    assert plan.covariance_bytes(dtype, dedupe=False) > plan.covariance_bytes(dtype)  # q/k/v, gate/up, fc1...
+    shared = plan.inputs < plan.modules  # q/k/v, gate/up, fc1...; GPT-2's fused c_attn shares no input
+    assert (plan.covariance_bytes(dtype, dedupe=False) > plan.covariance_bytes(dtype)) == shared
+    assert shared == (case != "gpt2")
 
 
 def test_no_dedupe_is_one_matrix_per_module():
