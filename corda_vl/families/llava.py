@@ -30,7 +30,7 @@ def _detect(model) -> bool:
         model, r"language_model\..*layers\.\d+\.self_attn\.q_proj$")
 
 
-def _image_token_id(model) -> int:
+def image_token_id(model) -> int:
     config = model.config
     token = getattr(config, "image_token_id", None)
     token = token if token is not None else getattr(config, "image_token_index", None)
@@ -46,7 +46,7 @@ def _prepare(model, batch: Any) -> dict[str, Any]:
     if "input_ids" not in out:
         raise CalibrationError("a LLaVA batch needs 'input_ids' (with image tokens where images go) and "
                                "optionally 'pixel_values'; build it with the model's processor.")
-    has_image_tokens = bool((out["input_ids"] == _image_token_id(model)).any())
+    has_image_tokens = bool((out["input_ids"] == image_token_id(model)).any())
     if has_image_tokens and "pixel_values" not in out:
         raise CalibrationError("the batch has image tokens but no 'pixel_values'; pass the images with it.")
     if "pixel_values" in out:
@@ -64,7 +64,7 @@ def _check_image_tokens(model, batch: Mapping[str, Any]) -> None:
         return
     vision = config.vision_config
     per_image = (vision.image_size // vision.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
-    counts = (batch["input_ids"] == _image_token_id(model)).sum(dim=1).tolist()
+    counts = (batch["input_ids"] == image_token_id(model)).sum(dim=1).tolist()
     images = batch["pixel_values"].shape[0]
     if any(c % per_image for c in counts) or sum(counts) != images * per_image:
         raise CalibrationError(f"the rows announce {counts} image tokens, but each image takes {per_image} and the "
@@ -72,14 +72,14 @@ def _check_image_tokens(model, batch: Mapping[str, Any]) -> None:
                                f"that every row holds {per_image} image tokens per image it shows.")
 
 
-def _route(model, batch: Mapping[str, Any]) -> Routes:
+def route_image_and_text(model, batch: Mapping[str, Any]) -> Routes:
     keep = text_mask(batch)
-    image = (batch["input_ids"] == _image_token_id(model)) & keep
+    image = (batch["input_ids"] == image_token_id(model)) & keep
     tokens = {"image": image, "text": keep & ~image}
     return {"vision": {"": None}, "projector": {"": None}, "language": tokens, "head": tokens}
 
 
-def _forward(model, batch: Mapping[str, Any]):
+def forward_vlm(model, batch: Mapping[str, Any]):
     try:
         return model(**batch, use_cache=False)
     except ValueError as exc:
@@ -120,8 +120,8 @@ LLAVA = register_family(
             "head": r"(^|\.)lm_head$",
         },
         default_groups=("language",),
-        route=_route,
-        forward=_forward,
+        route=route_image_and_text,
+        forward=forward_vlm,
         prepare=_prepare,
         describe=_describe,
         image_groups=("vision", "projector"),

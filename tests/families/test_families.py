@@ -61,15 +61,11 @@ def tiny_vlm(model_type: str):
     supports yet (tiny, random)."""
     import transformers as T
 
-    if model_type == "paligemma":
-        return T.PaliGemmaForConditionalGeneration(T.PaliGemmaConfig(
-            text_config=dict(TEXT, model_type="gemma", head_dim=8), vision_config=VISION, image_token_index=90,
-            projection_dim=32))
     return T.Idefics3ForConditionalGeneration(T.Idefics3Config(
         text_config=dict(TEXT, model_type="llama"), vision_config=VISION, image_token_id=90, scale_factor=1))
 
 
-@pytest.mark.parametrize("model_type", ["paligemma", "idefics3"])
+@pytest.mark.parametrize("model_type", ["idefics3"])
 def test_a_vlm_outside_llavas_layout_is_never_taken_for_a_text_model(model_type):
     with pytest.raises(UnknownFamilyError, match=f"vision-language model \\(model_type '{model_type}'\\).*registered"):
         detect_family(tiny_vlm(model_type))
