@@ -99,8 +99,8 @@ def _why_unknown(model: nn.Module) -> str:
     """What the error can say about a model no family recognises."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if is_vision_language(model):
-        return (f": it is a vision-language model (model_type {model_type!r}) whose layout is not LLaVA's, and "
-                f"adapting it as a text-only model would leave out its image tokens and vision layers")
+        return (f": it is a vision-language model (model_type {model_type!r}) in a layout no registered family "
+                f"describes, and adapting it as a text-only model would leave out its image tokens and vision layers")
     if any(type(m).__name__ == "Conv1D" for m in model.modules()):
         return (": its projections are transformers Conv1D layers (GPT-2 style), in a layout other than "
                 "GPT-2's blocks (h.N.attn.c_attn, ...)")
