@@ -169,6 +169,40 @@ WORDS = ["question", "answer", ":", "?", ".", ",", "what", "is", "the", "capital
 WORDS += [f"w{i}" for i in range(VOCAB - 5 - len(WORDS))]
 
 
+def assert_image_text_split(model, store, name, batches, image_token, images_expected):
+    """A VLM language layer's covariances: the image-token one equals the products of the inputs at
+    the image token's positions, and image + text add up to all tokens."""
+    seen = module_inputs(model, name, lambda m, b: m(**b), batches)
+    images = torch.cat([x[b["input_ids"] == image_token] for x, b in zip(seen, batches)])
+    assert store.count(name, "calib/image") == images.shape[0] == images_expected
+    torch.testing.assert_close(store.sum(name, "calib/image"), images.T @ images, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(store.sum(name, "calib/image") + store.sum(name, "calib/text"), store.sum(name, "calib"))
+
+
+def assert_exact_at_init_and_stock_reload(model, store, config, batch, folder):
+    """Build ``config`` on ``model``: the dry run names the adapted modules, the outputs at init are
+    the base model's, and stock PEFT reloads the saved adapter onto the saved residual with the
+    same outputs. Returns the adapted module names."""
+    from peft import PeftModel
+
+    from corda_vl import build_corda, plan, save_corda
+
+    def vlm_logits(m):
+        with torch.no_grad():
+            return m(**batch).logits
+
+    reference = vlm_logits(model)
+    dry = plan(model, config, store)
+    built = build_corda(model, store, config, progress=False)
+    adapted = sorted(n for n, m in built.get_base_model().named_modules() if hasattr(m, "lora_A") and m.lora_A)
+    assert sorted(dry.modules) == adapted
+    torch.testing.assert_close(vlm_logits(built), reference, atol=5e-5, rtol=0)
+    out = save_corda(built, folder)
+    stock = PeftModel.from_pretrained(type(model).from_pretrained(out / "residual"), out / "adapter")
+    torch.testing.assert_close(vlm_logits(stock), reference, atol=5e-5, rtol=0)
+    return adapted
+
+
 def tiny_tokenizer(image_token: bool = True):
     """A word-level fast tokenizer over VOCAB ids (no files, no downloads): <pad> 0, <unk> 1,
     <s> 2 (prepended), </s> 3, the words above, and <image> = IMAGE_TOKEN (VOCAB - 1), or a plain

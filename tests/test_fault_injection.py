@@ -13,9 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
-from conftest import text_batches, tiny_llama
+from conftest import text_batches
 
 from corda_vl import CovarianceStore, load_corda, save_corda
 

@@ -141,6 +141,27 @@ def check_pixels(pixel_values: torch.Tensor) -> None:
                       f"normalised ones (|x| of a few units). Run the model's image processor on them.", stacklevel=4)
 
 
+def prepare_vlm_batch(batch: Any, keys: tuple[str, ...], media_tokens: list[int], model_name: str,
+                      pixel_keys: tuple[str, ...] = ("pixel_values",)) -> dict[str, Any]:
+    """A vision-language batch as the processor makes it: ``input_ids`` always, and images
+    (``pixel_keys``) wherever the ids hold image tokens (``media_tokens``), as normalised floats."""
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch}
+    out = tensor_dict(batch, keys)
+    if "input_ids" not in out:
+        raise CalibrationError(f"a {model_name} batch needs 'input_ids' (with the image tokens the processor inserts) "
+                               f"and, with images, {' / '.join(map(repr, pixel_keys))}; build it with the model's "
+                               f"processor.")
+    media = torch.isin(out["input_ids"], torch.tensor(media_tokens, device=out["input_ids"].device))
+    if bool(media.any()) and not any(k in out for k in pixel_keys):
+        raise CalibrationError(f"the batch has image tokens but no {pixel_keys[0]!r}; pass the processor's images "
+                               f"with it.")
+    for key in pixel_keys:
+        if key in out:
+            check_pixels(out[key])
+    return out
+
+
 def text_mask(batch: Mapping[str, Any]) -> torch.Tensor:
     """Which tokens count: attention_mask (padding excluded), or every token without one."""
     mask = batch.get("attention_mask")

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from corda_vl.errors import CalibrationError
-from corda_vl.families.base import (Family, check_pixels, Routes, has_module, image_probe, image_tokens, register_family, tensor_dict,
-                                    text_mask, text_probe)
+from corda_vl.families.base import (Family, Routes, has_module, image_probe, image_tokens, prepare_vlm_batch,
+                                    register_family, text_mask, text_probe)
 
 KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
 
@@ -40,17 +40,8 @@ def image_token_id(model) -> int:
 
 
 def _prepare(model, batch: Any) -> dict[str, Any]:
-    if isinstance(batch, torch.Tensor):
-        batch = {"input_ids": batch}
-    out = tensor_dict(batch, KEYS)
-    if "input_ids" not in out:
-        raise CalibrationError("a LLaVA batch needs 'input_ids' (with image tokens where images go) and "
-                               "optionally 'pixel_values'; build it with the model's processor.")
-    has_image_tokens = bool((out["input_ids"] == image_token_id(model)).any())
-    if has_image_tokens and "pixel_values" not in out:
-        raise CalibrationError("the batch has image tokens but no 'pixel_values'; pass the images with it.")
+    out = prepare_vlm_batch(batch, KEYS, [image_token_id(model)], "LLaVA")
     if "pixel_values" in out:
-        check_pixels(out["pixel_values"])
         _check_image_tokens(model, out)
     return out
 

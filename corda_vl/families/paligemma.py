@@ -13,10 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from corda_vl.errors import CalibrationError
-from corda_vl.families.base import Family, check_pixels, has_module, register_family, tensor_dict
+from corda_vl.families.base import Family, has_module, prepare_vlm_batch, register_family
 from corda_vl.families.llava import forward_vlm, image_token_id, route_image_and_text
 
 KEYS = ("input_ids", "attention_mask", "pixel_values", "token_type_ids")
@@ -29,17 +26,7 @@ def _detect(model) -> bool:
 
 
 def _prepare(model, batch: Any) -> dict[str, Any]:
-    if isinstance(batch, torch.Tensor):
-        batch = {"input_ids": batch}
-    out = tensor_dict(batch, KEYS)
-    if "input_ids" not in out:
-        raise CalibrationError("a PaliGemma / Gemma 3 batch needs 'input_ids' (with the image tokens the processor "
-                               "inserts) and, with images, 'pixel_values'; build it with the model's processor.")
-    if bool((out["input_ids"] == image_token_id(model)).any()) and "pixel_values" not in out:
-        raise CalibrationError("the batch has image tokens but no 'pixel_values'; pass the processor's images with it.")
-    if "pixel_values" in out:
-        check_pixels(out["pixel_values"])
-    return out
+    return prepare_vlm_batch(batch, KEYS, [image_token_id(model)], "PaliGemma / Gemma 3")
 
 
 PALIGEMMA = register_family(

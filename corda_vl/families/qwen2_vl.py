@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from corda_vl.errors import CalibrationError
-from corda_vl.families.base import Family, Routes, check_pixels, has_module, register_family, tensor_dict, text_mask
+from corda_vl.families.base import Family, Routes, has_module, prepare_vlm_batch, register_family, text_mask
 
 KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids",
         "pixel_values_videos", "video_grid_thw")
@@ -34,19 +34,7 @@ def _media_tokens(model) -> list[int]:
 
 
 def _prepare(model, batch: Any) -> dict[str, Any]:
-    if isinstance(batch, torch.Tensor):
-        batch = {"input_ids": batch}
-    out = tensor_dict(batch, KEYS)
-    if "input_ids" not in out:
-        raise CalibrationError("a Qwen-VL batch needs 'input_ids' (with the image tokens the processor inserts) and, "
-                               "with images, 'pixel_values' and 'image_grid_thw'; build it with the model's processor.")
-    has_media = bool(torch.isin(out["input_ids"], torch.tensor(_media_tokens(model))).any())
-    if has_media and "pixel_values" not in out and "pixel_values_videos" not in out:
-        raise CalibrationError("the batch has image tokens but no 'pixel_values'; pass the processor's images with it.")
-    for key in ("pixel_values", "pixel_values_videos"):
-        if key in out:
-            check_pixels(out[key])
-    return out
+    return prepare_vlm_batch(batch, KEYS, _media_tokens(model), "Qwen-VL", ("pixel_values", "pixel_values_videos"))
 
 
 def _route(model, batch: Mapping[str, Any]) -> Routes:

@@ -4,10 +4,9 @@ covariances in the text model; exact at init, dry run equal to the build, stock-
 import pytest
 import torch
 import transformers
-from conftest import module_inputs
-from peft import PeftModel
+from conftest import assert_exact_at_init_and_stock_reload, assert_image_text_split
 
-from corda_vl import CordaConfig, build_corda, collect_covariances, plan, save_corda
+from corda_vl import CordaConfig, collect_covariances
 from corda_vl.families import detect_family
 
 IMAGE = 90
@@ -38,11 +37,6 @@ def batches(n: int = 3, seed: int = 5):
     return out
 
 
-def logits(model, batch):
-    with torch.no_grad():
-        return model(**batch).logits
-
-
 @pytest.mark.parametrize("kind", ["Idefics3", "SmolVLM"])
 def test_routing_exactness_and_stock_reload(kind, tmp_path):
     model, data = tiny_idefics3(kind=kind), batches()
@@ -50,20 +44,7 @@ def test_routing_exactness_and_stock_reload(kind, tmp_path):
     store = collect_covariances(model, data, groups=GROUPS, progress=False)
     assert store.count("model.vision_model.encoder.layers.0.mlp.fc1") == 3 * 2 * 4
     assert store.count("model.connector.modality_projection.proj") == 3 * 2 * 4
-    name = "model.text_model.layers.1.mlp.down_proj"
-    seen = module_inputs(model, name, lambda m, b: m(**b), data)
-    images = torch.cat([x[b["input_ids"] == IMAGE] for x, b in zip(seen, data)])
-    assert store.count(name, "calib/image") == images.shape[0] == 3 * 2 * 4
-    torch.testing.assert_close(store.sum(name, "calib/image"), images.T @ images, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(store.sum(name, "calib/image") + store.sum(name, "calib/text"), store.sum(name, "calib"))
-    reference = logits(model, data[0])
-    config = CordaConfig(r=4, groups=GROUPS)
-    dry = plan(model, config, store)
-    built = build_corda(model, store, config, progress=False)
-    adapted = sorted(n for n, m in built.get_base_model().named_modules() if hasattr(m, "lora_A") and m.lora_A)
-    assert sorted(dry.modules) == adapted and len(adapted) == 6 + 1 + 14
-    torch.testing.assert_close(logits(built, data[0]), reference, atol=5e-5, rtol=0)
-    out = save_corda(built, tmp_path / "idefics3")
-    base = type(model).from_pretrained(out / "residual")
-    torch.testing.assert_close(logits(PeftModel.from_pretrained(base, out / "adapter"), data[0]), reference,
-                               atol=5e-5, rtol=0)
+    assert_image_text_split(model, store, "model.text_model.layers.1.mlp.down_proj", data, IMAGE, 3 * 2 * 4)
+    adapted = assert_exact_at_init_and_stock_reload(model, store, CordaConfig(r=4, groups=GROUPS), data[0],
+                                                    tmp_path / kind)
+    assert len(adapted) == 6 + 1 + 14

@@ -1,7 +1,6 @@
 """The LLaMA-style family over the decoder-only models people adapt (tiny configs, no downloads):
 each one is detected by structure, adapted exact at init with CorDA and CorDA++ (non-uniform
-ranks) and reloaded by stock PEFT with equal logits. Vision-language models with LLaMA-like
-layers, and GPT-2's Conv1D layers, get an error that says what they are instead."""
+ranks) and reloaded by stock PEFT with equal logits; Phi-3's fused projections are adapted whole."""
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import transformers
 from conftest import logits, text_batches
 from peft import PeftModel
 
-from corda_vl import CordaConfig, UnknownFamilyError, build_corda, collect_covariances, save_corda
+from corda_vl import CordaConfig, build_corda, collect_covariances, save_corda
 from corda_vl.families import detect_family
 
 TEXT = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -4,10 +4,9 @@ and text-token covariances; exact at init, dry run equal to the build, stock-PEF
 import pytest
 import torch
 import transformers
-from conftest import module_inputs
-from peft import PeftModel
+from conftest import assert_exact_at_init_and_stock_reload, assert_image_text_split
 
-from corda_vl import CordaConfig, TargetError, build_corda, collect_covariances, plan, save_corda
+from corda_vl import CordaConfig, TargetError, collect_covariances
 from corda_vl.families import detect_family
 
 IMAGE = 90
@@ -41,11 +40,6 @@ def batches(n: int = 3, seed: int = 5):
     return out
 
 
-def logits(model, batch):
-    with torch.no_grad():
-        return model(**batch).logits
-
-
 @pytest.mark.parametrize("kind, projector", [("paligemma", ["model.multi_modal_projector.linear"]), ("gemma3", [])])
 def test_routing_exactness_and_stock_reload(kind, projector, tmp_path):
     model, data = tiny(kind), batches()
@@ -54,23 +48,8 @@ def test_routing_exactness_and_stock_reload(kind, projector, tmp_path):
     store = collect_covariances(model, data, groups=groups, progress=False)
     assert [n for n in store.modules if "multi_modal_projector" in n] == projector
     assert store.count("model.vision_tower.encoder.layers.0.mlp.fc1") == 3 * 2 * 4  # patches of every image
-    name = "model.language_model.layers.1.mlp.down_proj"
-    seen = module_inputs(model, name, lambda m, b: m(**b), data)
-    images = torch.cat([x[b["input_ids"] == IMAGE] for x, b in zip(seen, data)])
-    assert store.count(name, "calib/image") == images.shape[0] == 3 * 2 * 4
-    torch.testing.assert_close(store.sum(name, "calib/image"), images.T @ images, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(store.sum(name, "calib/image") + store.sum(name, "calib/text"), store.sum(name, "calib"))
-    reference = logits(model, data[0])
-    config = CordaConfig(r=4, groups=groups)
-    dry = plan(model, config, store)
-    built = build_corda(model, store, config, progress=False)
-    adapted = sorted(n for n, m in built.get_base_model().named_modules() if hasattr(m, "lora_A") and m.lora_A)
-    assert sorted(dry.modules) == adapted
-    torch.testing.assert_close(logits(built, data[0]), reference, atol=5e-5, rtol=0)
-    out = save_corda(built, tmp_path / kind)
-    base = type(model).from_pretrained(out / "residual")
-    torch.testing.assert_close(logits(PeftModel.from_pretrained(base, out / "adapter"), data[0]), reference,
-                               atol=5e-5, rtol=0)
+    assert_image_text_split(model, store, "model.language_model.layers.1.mlp.down_proj", data, IMAGE, 3 * 2 * 4)
+    assert_exact_at_init_and_stock_reload(model, store, CordaConfig(r=4, groups=groups), data[0], tmp_path / kind)
 
 
 def test_gemma3s_bare_projection_weight_is_named_when_the_projector_is_asked_for():

@@ -5,10 +5,9 @@ calibration allowed with a warning."""
 import pytest
 import torch
 import transformers
-from conftest import module_inputs
-from peft import PeftModel
+from conftest import assert_exact_at_init_and_stock_reload, assert_image_text_split
 
-from corda_vl import CalibrationError, CordaConfig, build_corda, collect_covariances, plan, save_corda
+from corda_vl import CalibrationError, CordaConfig, collect_covariances
 from corda_vl.families import detect_family
 
 IMAGE, VIDEO, START, END = 90, 91, 92, 93
@@ -57,11 +56,6 @@ def batches(n: int = 3, seed: int = 5):
     return out
 
 
-def logits(model, batch):
-    with torch.no_grad():
-        return model(**batch).logits
-
-
 @pytest.fixture(scope="module")
 def store():
     return collect_covariances(tiny_qwen2_vl(), batches(), groups=GROUPS, progress=False)
@@ -74,15 +68,8 @@ def test_detected_with_its_groups(store):
 
 
 def test_image_and_text_token_covariances_add_up_to_all_tokens(store):
-    model, data = tiny_qwen2_vl(), batches()
-    name = "model.language_model.layers.1.mlp.down_proj"
-    seen = module_inputs(model, name, lambda m, b: m(**b), data)
-    everything = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(seen, data)])
-    images = torch.cat([x[b["input_ids"] == IMAGE] for x, b in zip(seen, data)])
-    assert store.count(name, "calib/image") == images.shape[0] == 3 * 2 * 4
-    assert store.count(name, "calib") == everything.shape[0]
-    torch.testing.assert_close(store.sum(name, "calib/image"), images.T @ images, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(store.sum(name, "calib/image") + store.sum(name, "calib/text"), store.sum(name, "calib"))
+    assert_image_text_split(tiny_qwen2_vl(), store, "model.language_model.layers.1.mlp.down_proj", batches(), IMAGE,
+                            3 * 2 * 4)
     assert store.count("model.visual.blocks.0.mlp.fc1") == 3 * 32  # every patch of every image
     assert store.count("model.visual.merger.mlp.0") == 3 * 8  # merged 2x2
     assert {s for (k, s) in store.sums if ".visual." in k} == {"calib"}
@@ -90,18 +77,9 @@ def test_image_and_text_token_covariances_add_up_to_all_tokens(store):
 
 @pytest.mark.parametrize("method, mode", [("corda", "kpm"), ("corda", "ipm"), ("corda++", "kpm")])
 def test_exact_at_init_dry_run_and_stock_peft_reload(store, method, mode, tmp_path):
-    model, batch = tiny_qwen2_vl(), batches()[0]
-    reference = logits(model, batch)
     config = CordaConfig(method=method, mode=mode, r=4, groups=GROUPS)
-    dry = plan(model, config, store)
-    built = build_corda(model, store, config, progress=False)
-    adapted = sorted(n for n, m in built.get_base_model().named_modules() if hasattr(m, "lora_A") and m.lora_A)
-    assert sorted(dry.modules) == adapted and len(adapted) == 4 + 2 + 14
-    torch.testing.assert_close(logits(built, batch), reference, atol=5e-5, rtol=0)
-    out = save_corda(built, tmp_path / "qwen2_vl")
-    base = transformers.Qwen2VLForConditionalGeneration.from_pretrained(out / "residual")
-    torch.testing.assert_close(logits(PeftModel.from_pretrained(base, out / "adapter"), batch), reference,
-                               atol=5e-5, rtol=0)
+    adapted = assert_exact_at_init_and_stock_reload(tiny_qwen2_vl(), store, config, batches()[0], tmp_path / "qwen")
+    assert len(adapted) == 4 + 2 + 14
 
 
 def test_text_only_calibration_warns_and_image_tokens_without_images_are_refused():
@@ -126,10 +104,4 @@ def test_later_versions_are_adapted_exactly(version, vision_layers, tmp_path):
     assert detect_family(model).name == "qwen2_vl"
     store = collect_covariances(model, data, groups=GROUPS, progress=False)
     assert {n.removeprefix("model.visual.") for n in store.modules if ".visual." in n} == vision_layers
-    reference = logits(model, data[0])
-    built = build_corda(model, store, CordaConfig(r=4, groups=GROUPS), progress=False)
-    torch.testing.assert_close(logits(built, data[0]), reference, atol=5e-5, rtol=0)
-    out = save_corda(built, tmp_path / "qwen_vl")
-    base = type(model).from_pretrained(out / "residual")
-    torch.testing.assert_close(logits(PeftModel.from_pretrained(base, out / "adapter"), data[0]), reference,
-                               atol=5e-5, rtol=0)
+    assert_exact_at_init_and_stock_reload(model, store, CordaConfig(r=4, groups=GROUPS), data[0], tmp_path / "qwen")
