@@ -23,10 +23,14 @@ import torch
 from corda_vl.atomic import atomic_file
 from corda_vl.calibration.store import model_fingerprint
 from corda_vl.errors import CordaError
+from corda_vl.config import CordaConfig
 from corda_vl.lab.recipe_config import RecipeConfig
 
 FILE = "identity.json"
 BASE_MODEL = "base_model"  # the fingerprint of the base model's weights, where the caller has the model
+CORDA_DEFAULTS = "corda_defaults"  # CordaConfig's defaults: what the recipe's unset fields mean
+# Recorded by later versions: compared only where the folder has them, and added where it has not.
+RECORDED_LATER = (BASE_MODEL, CORDA_DEFAULTS)
 NOT_IDENTITY = frozenset({
     "methods", "seeds", "lrs", "lr_methods", "lora_weight_decays",  # the grid
     "lr", "weight_decay", "seed",  # a run's own are in its folder name (runs/<method>/lr<LR>_wd<WD>/seed<S>)
@@ -35,8 +39,12 @@ NOT_IDENTITY = frozenset({
 
 
 def identity(cfg: RecipeConfig) -> dict[str, Any]:
-    """The settings that change the numbers, as JSON values (tuples become lists)."""
-    return json.loads(json.dumps({k: v for k, v in cfg.to_dict().items() if k not in NOT_IDENTITY}))
+    """The settings that change the numbers, as JSON values (tuples become lists). The engine's
+    defaults are among them: a recipe that leaves the damping unset builds with whatever
+    ``CordaConfig`` defaults to, so a changed default is a changed setting."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in NOT_IDENTITY}
+    settings[CORDA_DEFAULTS] = CordaConfig().to_dict()
+    return json.loads(json.dumps(settings))
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -69,7 +77,8 @@ def claim_output_dir(cfg: RecipeConfig, resume: bool, out_dir: str | Path | None
       would leave old and new results side by side under the new identity;
     * given the base ``model``, its weights count too (``base_model``, a fingerprint): a default
       model rebuilt in another environment, or another checkpoint under the same name, is refused
-      the same way. A folder that has no fingerprint yet gets this one;
+      the same way. So do CordaConfig's defaults. A folder that predates recording either gets them
+      added, with a warning;
     * a folder written before identities existed is accepted with a warning (its settings cannot be
       checked), and gets the current identity from now on.
     """
@@ -79,17 +88,18 @@ def claim_output_dir(cfg: RecipeConfig, resume: bool, out_dir: str | Path | None
         mine[BASE_MODEL] = base_model_fingerprint(model)
     if path.is_file():
         recorded = json.loads(path.read_text())
-        if BASE_MODEL in recorded and BASE_MODEL in mine:
-            diff = differences(recorded, mine)
-        else:  # one side has no fingerprint: the settings alone are compared
-            diff = differences(_settings(recorded), _settings(mine))
+        unrecorded = [k for k in RECORDED_LATER if k not in recorded or k not in mine]
+        diff = differences(_without(recorded, unrecorded), _without(mine, unrecorded))
         if diff:
             what = "--resume would continue runs of other settings" if resume else \
                 "it holds runs of other settings, which a run stopped half-way would mix with the new ones"
             raise CordaError(f"{out}: {what}. Differences (folder -> now): {'; '.join(diff)}. Use the folder's "
                              f"settings, or another --output-dir.")
-        if model is None or BASE_MODEL in recorded:
+        if all(k in recorded for k in mine if k in RECORDED_LATER):
             return path
+        warnings.warn(f"{out} predates recording {', '.join(k for k in mine if k not in recorded)}; its runs are "
+                      f"taken to match them, and from now on {path.name} records them.", stacklevel=2)
+        mine = {**{k: recorded[k] for k in RECORDED_LATER if k in recorded}, **mine}  # keep what it has
     elif _has_runs(out):
         warnings.warn(f"{out} holds runs written before run identities were recorded; their settings cannot be "
                       f"checked against these. From now on {path.name} records them.", stacklevel=2)
@@ -98,5 +108,5 @@ def claim_output_dir(cfg: RecipeConfig, resume: bool, out_dir: str | Path | None
     return path
 
 
-def _settings(recorded: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in recorded.items() if k != BASE_MODEL}
+def _without(settings: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k not in keys}

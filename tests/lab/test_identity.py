@@ -62,7 +62,8 @@ def test_a_base_model_with_other_weights_is_refused_and_an_older_folder_gets_the
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     claim_output_dir(config(tmp_path), resume=False)  # a folder from before fingerprints
-    path = claim_output_dir(config(tmp_path), resume=True, model=model)
+    with pytest.warns(UserWarning, match="predates recording base_model"):
+        path = claim_output_dir(config(tmp_path), resume=True, model=model)
     recorded = json.loads(path.read_text())
     assert recorded["base_model"] == base_model_fingerprint(model)
     claim_output_dir(config(tmp_path), resume=True)  # without the model: the settings alone
@@ -74,3 +75,30 @@ def test_a_base_model_with_other_weights_is_refused_and_an_older_folder_gets_the
     with pytest.raises(CordaError, match="base_model: "):
         claim_output_dir(config(tmp_path), resume=True, model=model)
     assert files(tmp_path) == before
+
+
+def test_a_changed_engine_default_is_a_changed_setting(tmp_path, monkeypatch):
+    import dataclasses
+
+    from corda_vl import CordaConfig
+    from corda_vl.lab import identity as identity_module
+
+    claim_output_dir(config(tmp_path), resume=False)
+    changed = dataclasses.make_dataclass("Changed", [("damping", tuple, dataclasses.field(default=(0.5,)))],
+                                         bases=(CordaConfig,))
+    monkeypatch.setattr(identity_module, "CordaConfig", changed)  # a release whose default damping differs
+    with pytest.raises(CordaError, match="corda_defaults"):
+        claim_output_dir(config(tmp_path), resume=True)
+
+
+def test_an_older_folder_keeps_its_fingerprint_when_the_defaults_are_added(tmp_path):
+    import torch
+
+    model = torch.nn.Linear(4, 4)
+    path = claim_output_dir(config(tmp_path), resume=False, model=model)
+    recorded = json.loads(path.read_text())
+    del recorded["corda_defaults"]  # as written before the defaults were recorded
+    path.write_text(json.dumps(recorded))
+    with pytest.warns(UserWarning, match="predates recording corda_defaults"):
+        claim_output_dir(config(tmp_path), resume=True)  # no model at hand: the fingerprint must stay
+    assert json.loads(path.read_text())["base_model"] == base_model_fingerprint(model)
