@@ -33,9 +33,10 @@ from corda_vl.lab.experiment import settings
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 BASELINES = "pissa,milora,peft-corda,eva,mica"
-# CorDA, CorDA++ under each compactness metric, and CorDA with the damping floor the recipe does not use
-CLIP_VARIANTS = "corda,corda++,corda++:paper,corda++:heldout,corda:damping=0.01"
-LLAMA_VARIANTS = "corda,corda++,corda++:paper,corda++:heldout,corda:damping=0.0001"
+# CorDA, CorDA++ under each compactness metric, and CorDA at the engine's damping floor before
+# 2026-12-06 (1e-4; the 2026-12-06 clip_kpm_variants folder ran when 1e-4 was the default and 1e-2
+# the variant, see its provenance.json)
+CLIP_VARIANTS = LLAMA_VARIANTS = "corda,corda++,corda++:paper,corda++:heldout,corda:damping=0.0001"
 STUDIES: dict[str, tuple[str, list[str]]] = {
     # name: (recipe, flags). lora, corda and corda++ at three learning rates; the baselines and
     # LoRA + weight decay at the recipe's rate; the adapter-scale dial adds frontier points.
@@ -51,7 +52,7 @@ STUDIES: dict[str, tuple[str, list[str]]] = {
                                 "--lrs", "0.00025,0.0005,0.001", "--lr-methods", "lora,corda,corda++",
                                 "--lora-weight-decays", "0.1"]),
     # The CorDA++ and KPM-default choices: CorDA++ under each compactness metric, and CorDA with the
-    # other recipes' damping floor, against CorDA, LoRA and PEFT's CorDA (the runs the recipe's own
+    # old damping floor, against CorDA, LoRA and PEFT's CorDA (the runs the recipe's own
     # study has already made are reused, see REUSE)
     "clip_kpm_variants": ("clip_kpm", ["--seeds", "0,1,2,3,4", "--methods", f"lora,{CLIP_VARIANTS},peft-corda",
                                        "--lrs", "0.0005,0.001,0.002", "--lr-methods", f"lora,{CLIP_VARIANTS}",

@@ -30,3 +30,10 @@ def test_good_numbers_pass():
     config = CordaConfig(alpha=16, lora_dropout=0.05, damping=(0.0, 1e-2), rank_pattern={"q_proj": 2},
                          alpha_pattern={"q_proj": 4.0})
     assert config.damping == (0.0, 0.01)
+
+
+def test_the_default_damping_starts_at_1e_2_for_every_model():
+    # chosen by the retention studies (docs/maths.md#kpm-needs-damping): 1e-4 let KPM's A factor
+    # grow by up to 1/lam and forget more, on CLIP and on SmolLM2 alike
+    assert CordaConfig().damping == (1e-2, 1e-1, 1.0)
+    assert CordaConfig(mode="kpm").damping[0] >= 1e-2

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin,
 
 import yaml
 
-from corda_vl.config import COMPACTNESS, DEFAULT_DAMPING, CordaConfig, help_field
+from corda_vl.config import COMPACTNESS, CordaConfig, help_field
 from corda_vl.errors import CordaError
 from corda_vl.lab.baselines import BASELINES
 from corda_vl.lab.resources import merge_overrides
@@ -260,6 +260,9 @@ class RecipeConfig:
 
 # corda:<field>=<value>: a variant of a covariance method that differs in one CordaConfig field,
 # run beside the plain method in the same grid so the two are compared on the same seeds and items.
+# corda:damping=<lam>: lam first, then the larger steps of this ladder (a fixed ladder, so a variant
+# means the same whatever the engine's default is)
+DAMPING_LADDER = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 VARIANT_FIELDS = ("damping", "factor_balance", "covariance_normalization", "compactness", "compactness_spectrum")
 
 
@@ -288,7 +291,7 @@ def split_method(name: str) -> tuple[str, dict[str, Any]]:
         lam = float(value)
     except ValueError:
         raise CordaError(f"method {name!r}: damping must be a number, e.g. corda:damping=0.01.") from None
-    return method, {"damping": (lam, *(d for d in DEFAULT_DAMPING if d > lam))}
+    return method, {"damping": (lam, *(d for d in DAMPING_LADDER if d > lam))}
 
 
 @dataclass(kw_only=True)

@@ -82,7 +82,8 @@ def test_a_corda_plus_plus_variant_picks_its_compactness_metric():
 def test_a_corda_variant_sets_one_field_and_is_checked_before_any_model_loads():
     cfg = ClipRecipeConfig.from_yaml(yaml_path("clip_kpm"), overrides={
         "methods": ["corda", "corda:damping=0.01", "corda:factor_balance=norm", "corda++:damping=0.001"]})
-    assert cfg.corda_config("corda").damping == (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    assert cfg.corda_config("corda").damping == (1e-2, 1e-1, 1.0)  # the engine default
+    assert cfg.corda_config("corda:damping=0.0001").damping == (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     assert cfg.corda_config("corda:damping=0.01").damping == (0.01, 0.1, 1.0)  # the schedule from 1e-2 up
     assert cfg.corda_config("corda:damping=0.003").damping == (0.003, 0.01, 0.1, 1.0)
     balanced = cfg.corda_config("corda:factor_balance=norm")
