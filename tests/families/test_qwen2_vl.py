@@ -90,6 +90,7 @@ def test_text_only_calibration_warns_and_image_tokens_without_images_are_refused
         collect_covariances(model, text_only, progress=False)
     with pytest.raises(CalibrationError, match="image tokens but no 'pixel_values'"):
         collect_covariances(model, [{"input_ids": data[0]["input_ids"]}], progress=False)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())  # nothing left behind
 
 
 @pytest.mark.parametrize("version, vision_layers", [
